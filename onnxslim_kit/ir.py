@@ -1,0 +1,529 @@
+"""Graph IR: a thin ``Model`` wrapper around ``onnx_graphsurgeon.Graph``.
+
+Responsibilities:
+- load from a path or a ``ModelProto``; external data is resolved against the model's own folder and
+  refused when a location points outside it (``..``, absolute paths, symlinks);
+- queries passes need (cached name->tensor map, producer/consumers, constant values that also sees
+  weights stored as ``Constant`` nodes), and the few safe mutations (replace_all_uses, batched
+  remove_nodes, dead-code cleanup, an iterative topological sort);
+- export back to a ``ModelProto`` that the installed onnxruntime accepts, keeping the model's
+  metadata, and atomic saving (temporary file + rename), with external data above 2 GB.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import hashlib
+import heapq
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from . import runtime
+from .errors import InputError, PassError
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _iter_graph_tensors(graph: onnx.GraphProto):
+    """Every TensorProto in a graph: initializers, sparse initializers, Constant/attribute tensors,
+    recursively through subgraphs."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graph_tensors(g)
+
+
+def iter_model_tensors(model: onnx.ModelProto):
+    yield from _iter_graph_tensors(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str | os.PathLike, label: str) -> None:
+    """Refuse external-data locations that leave ``base_dir`` or do not exist (CVE-2022-25882 class)."""
+    base = os.path.realpath(base_dir)
+    for tensor in iter_model_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise InputError(f"{label}: tensor '{tensor.name}' has external data without a location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise InputError(f"{label}: external data of tensor '{tensor.name}' uses an absolute path "
+                             f"'{location}'; only files inside the model's folder are allowed")
+        target = os.path.realpath(os.path.join(base, location))
+        if os.path.commonpath([base, target]) != base:
+            raise InputError(f"{label}: external data of tensor '{tensor.name}' points outside the "
+                             f"model's folder ('{location}')")
+        if not os.path.isfile(target):
+            raise InputError(f"{label}: external data file '{location}' for tensor '{tensor.name}' "
+                             f"is missing")
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info.get("length", 0) or 0)
+        if offset < 0 or length < 0 or offset + length > os.path.getsize(target):
+            raise InputError(f"{label}: external data of tensor '{tensor.name}' reads past the end of "
+                             f"'{location}' (truncated data file?)")
+
+
+def check_opset(model: onnx.ModelProto, label: str) -> None:
+    opset = default_opset(model)
+    newest = min(onnx.defs.onnx_opset_version(), runtime.max_opset())
+    if opset is None:
+        raise InputError(f"{label}: model declares no default-domain opset")
+    if opset < MIN_OPSET or opset > newest:
+        raise InputError(f"{label}: unsupported opset {opset} (supported: {MIN_OPSET}-{newest} with the "
+                         f"installed onnx {onnx.__version__} / onnxruntime)")
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def load_proto(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read and validate a model file; every problem becomes a one-line :class:`InputError`."""
+    label = os.fspath(path)
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{label}: file not found")
+    if p.is_dir():
+        raise InputError(f"{label}: is a directory, expected an .onnx file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{label}: file is empty")
+    try:
+        proto = onnx.load_model(label, load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
+        raise InputError(f"{label}: not a valid ONNX model (protobuf parse failed: truncated or not ONNX)") \
+            from exc
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise InputError(f"{label}: not a valid ONNX model (no graph, IR version or opset)")
+    check_opset(proto, label)
+    base_dir = str(p.resolve().parent)
+    check_external_data(proto, base_dir, label)
+    if load_external_data:
+        try:
+            onnx.load_external_data_for_model(proto, base_dir)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{label}: cannot read external data ({exc})") from exc
+    return proto
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelMeta:
+    """Model-level fields graphsurgeon does not carry; restored on export."""
+
+    ir_version: int = 0
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: list[tuple[str, str]] = field(default_factory=list)
+    opset_imports: dict[str, int] = field(default_factory=dict)
+    # Initializers listed as graph inputs (IR < 4 models): overridable, never treated as constants.
+    source: str = "<memory>"
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, source: str) -> "ModelMeta":
+        return cls(
+            ir_version=proto.ir_version,
+            producer_name=proto.producer_name,
+            producer_version=proto.producer_version,
+            domain=proto.domain,
+            model_version=proto.model_version,
+            doc_string=proto.doc_string,
+            metadata_props=[(p.key, p.value) for p in proto.metadata_props],
+            opset_imports={imp.domain: imp.version for imp in proto.opset_import},
+            source=source,
+        )
+
+
+class Model:
+    """A mutable model: a graphsurgeon graph plus the model-level fields it does not keep."""
+
+    def __init__(self, graph: gs.Graph, meta: ModelMeta):
+        self.graph = graph
+        self.meta = meta
+        self._tensor_map: dict[str, gs.Tensor] | None = None
+        self._names: set[str] | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: "str | os.PathLike | onnx.ModelProto | Model") -> "Model":
+        if isinstance(source, Model):
+            return source.copy()
+        if isinstance(source, onnx.ModelProto):
+            return cls.from_proto(source)
+        proto = load_proto(source)
+        return cls.from_proto(proto, source=os.fspath(source))
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>") -> "Model":
+        if default_opset(proto) is None:
+            raise InputError(f"{source}: model declares no default-domain opset")
+        try:
+            graph = gs.import_onnx(proto)
+        except Exception as exc:  # noqa: BLE001 - graphsurgeon raises many types on malformed graphs
+            raise InputError(f"{source}: cannot import graph ({type(exc).__name__}: {exc})") from exc
+        return cls(graph, ModelMeta.from_proto(proto, source))
+
+    def copy(self) -> "Model":
+        """Structural copy. Numpy buffers are shared: passes must never modify weights in place."""
+        return Model(self.graph.copy(), _copy.deepcopy(self.meta))
+
+    # -- basic properties ----------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.graph.nodes
+
+    def invalidate(self) -> None:
+        """Drop cached maps; call after any structural change made without the helpers below."""
+        self._tensor_map = None
+        self._names = None
+
+    def tensors(self) -> dict[str, gs.Tensor]:
+        """Cached name -> tensor map of the main graph (graphsurgeon's ``tensors()`` walks every node)."""
+        if self._tensor_map is None:
+            self._tensor_map = self.graph.tensors(check_duplicates=False)
+        return self._tensor_map
+
+    def node_by_name(self, name: str) -> gs.Node | None:
+        for node in self.graph.nodes:
+            if node.name == name:
+                return node
+        return None
+
+    # -- queries -------------------------------------------------------------------------------
+    @staticmethod
+    def producer(tensor: gs.Tensor) -> gs.Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    @staticmethod
+    def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+        return list(tensor.outputs)
+
+    def is_graph_output(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.graph.outputs)
+
+    def is_graph_input(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.graph.inputs)
+
+    def constant_value(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """The value of a constant tensor: an initializer (not overridable as a graph input) or the
+        output of a ``Constant`` node (exporters such as paddle2onnx store every weight that way)."""
+        if isinstance(tensor, gs.Constant):
+            if self.is_graph_input(tensor):
+                return None
+            return np.asarray(tensor.values)
+        node = self.producer(tensor)
+        if node is None or node.op != "Constant" or node.domain not in ("", "ai.onnx"):
+            return None
+        attrs = node.attrs
+        if "value" in attrs:
+            value = attrs["value"]
+            return np.asarray(value.values) if isinstance(value, gs.Constant) else np.asarray(value)
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                           ("value_int", np.int64), ("value_ints", np.int64)):
+            if key in attrs:
+                return np.asarray(attrs[key], dtype=dtype)
+        return None  # sparse_value / string values: treat as non-constant
+
+    def is_constant(self, tensor: gs.Tensor) -> bool:
+        return self.constant_value(tensor) is not None
+
+    # -- names -----------------------------------------------------------------------------------
+    def unique_name(self, prefix: str) -> str:
+        """A tensor/node name not used anywhere in the graph (including subgraphs)."""
+        if self._names is None:
+            names: set[str] = set()
+            for graph in _all_graphs(self.graph):
+                names.update(t.name for t in graph.tensors(check_duplicates=False).values())
+                names.update(n.name for n in graph.nodes if n.name)
+                names.update(t.name for t in graph.inputs)
+                names.update(t.name for t in graph.outputs)
+            self._names = names
+        name, i = prefix, 0
+        while name in self._names:
+            i += 1
+            name = f"{prefix}_{i}"
+        self._names.add(name)
+        return name
+
+    # -- mutations -------------------------------------------------------------------------------
+    def replace_all_uses(self, old: gs.Tensor, new: gs.Tensor) -> bool:
+        """Make every consumer of ``old`` read ``new`` instead (subgraph consumers included).
+
+        A graph output keeps its name: if ``old`` is a graph output, ``new`` takes over its name,
+        which is only possible when ``new`` is an internal node output. Returns False (and changes
+        nothing) when that is impossible, so the caller can record why it skipped.
+        """
+        if old is new:
+            return True
+        out_positions = [i for i, t in enumerate(self.graph.outputs) if t is old]
+        if out_positions:
+            if (not isinstance(new, gs.Variable) or not new.inputs or self.is_graph_input(new)
+                    or self.is_graph_output(new)):
+                return False
+        for node in list(old.outputs):
+            for i, inp in enumerate(node.inputs):
+                if inp is old:
+                    node.inputs[i] = new
+        if out_positions:
+            out_name = old.name
+            old.name = self.unique_name(out_name + "_replaced")
+            new.name = out_name
+            if new.dtype is None:
+                new.dtype = old.dtype
+            if new.shape is None:
+                new.shape = old.shape
+            for i in out_positions:
+                self.graph.outputs[i] = new
+        self.invalidate()
+        return True
+
+    def remove_nodes(self, nodes: Iterable[gs.Node]) -> int:
+        """Remove several nodes in one sweep (O(graph)), disconnecting their inputs and outputs."""
+        doomed = {id(n) for n in nodes}
+        if not doomed:
+            return 0
+        kept, removed = [], []
+        for node in self.graph.nodes:
+            (removed if id(node) in doomed else kept).append(node)
+        for node in removed:
+            node.inputs.clear()
+            node.outputs.clear()
+        self.graph.nodes = kept
+        self.invalidate()
+        return len(removed)
+
+    def cleanup(self) -> dict[str, int]:
+        """Remove dead nodes and unused initializers/tensors (graph inputs are kept)."""
+        nodes_before = sum(len(g.nodes) for g in _all_graphs(self.graph))
+        inits_before = _count_initializers(self.graph)
+        self.graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True,
+                           remove_unused_graph_inputs=False, recurse_functions=True)
+        self.invalidate()
+        return {
+            "dead_nodes_removed": nodes_before - sum(len(g.nodes) for g in _all_graphs(self.graph)),
+            "unused_initializers_removed": inits_before - _count_initializers(self.graph),
+        }
+
+    def toposort(self) -> None:
+        """Iterative, stable Kahn sort of the main graph, its subgraphs and local functions."""
+        for graph in _all_graphs(self.graph):
+            graph.nodes = _kahn(graph.nodes)
+        for fn in getattr(self.graph, "functions", []) or []:
+            fn.nodes = _kahn(fn.nodes)
+        self.invalidate()
+
+    # -- export --------------------------------------------------------------------------------
+    def to_proto(self, *, value_info: str = "infer") -> onnx.ModelProto:
+        """Export. ``value_info``: 'keep' graphsurgeon's shapes, 'drop' intermediate annotations, or
+        'infer' (drop, then recompute with onnx shape inference; stale annotations break tools)."""
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        meta = self.meta
+        proto.producer_name = meta.producer_name
+        proto.producer_version = meta.producer_version
+        proto.domain = meta.domain
+        proto.model_version = meta.model_version
+        proto.doc_string = meta.doc_string
+        del proto.metadata_props[:]
+        for key, value in meta.metadata_props:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        # Keep opset imports the graph no longer mentions (custom domains used by functions).
+        present = {imp.domain for imp in proto.opset_import}
+        for domain, version in meta.opset_imports.items():
+            if domain not in present and domain not in ("", "ai.onnx"):
+                proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        required = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+        ir = max(meta.ir_version or required, required)
+        proto.ir_version = min(ir, runtime.max_ir_version())
+        if value_info in ("drop", "infer"):
+            del proto.graph.value_info[:]
+        if value_info == "infer":
+            from .shapes import infer_shapes  # local import: shapes imports ir
+
+            proto = infer_shapes(proto, strict=False)
+        return proto
+
+    def fingerprint(self) -> str:
+        proto = self.to_proto(value_info="drop")
+        digest = hashlib.sha256()
+        for tensor in iter_model_tensors(proto):
+            digest.update(tensor.raw_data)
+            tensor.ClearField("raw_data")
+        digest.update(proto.SerializeToString(deterministic=True))
+        return digest.hexdigest()
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+        save_proto(self.to_proto(), path, external_data=external_data)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _all_graphs(graph: gs.Graph):
+    """The graph and every nested subgraph (If/Loop/Scan bodies), outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield from _all_graphs(attr)
+            elif isinstance(attr, (list, tuple)):
+                for item in attr:
+                    if isinstance(item, gs.Graph):
+                        yield from _all_graphs(item)
+
+
+all_graphs = _all_graphs
+
+
+def _count_initializers(graph: gs.Graph) -> int:
+    total = 0
+    for g in _all_graphs(graph):
+        total += sum(1 for t in g.tensors(check_duplicates=False).values() if isinstance(t, gs.Constant))
+    return total
+
+
+def _subgraph_outer_refs(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors used inside ``node``'s subgraphs but defined outside them (implicit inputs)."""
+    refs: list[gs.Tensor] = []
+    for attr in node.attrs.values():
+        subs = [attr] if isinstance(attr, gs.Graph) else [a for a in attr if isinstance(a, gs.Graph)] \
+            if isinstance(attr, (list, tuple)) else []
+        for sub in subs:
+            defined = {id(t) for t in sub.inputs}
+            for g in _all_graphs(sub):
+                for n in g.nodes:
+                    defined.update(id(t) for t in n.outputs)
+                defined.update(id(t) for t in g.inputs)
+            for g in _all_graphs(sub):
+                for n in g.nodes:
+                    for t in n.inputs:
+                        if id(t) not in defined:
+                            refs.append(t)
+    return refs
+
+
+def _kahn(nodes: list[gs.Node]) -> list[gs.Node]:
+    producer_of: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.outputs:
+            producer_of[id(out)] = i
+    indegree = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        deps = set()
+        inputs = list(node.inputs)
+        if any(isinstance(a, (gs.Graph, list, tuple)) for a in node.attrs.values()):
+            inputs += _subgraph_outer_refs(node)
+        for t in inputs:
+            j = producer_of.get(id(t))
+            if j is not None and j != i and j not in deps:
+                deps.add(j)
+                users[j].append(i)
+        indegree[i] = len(deps)
+    ready = [i for i, d in enumerate(indegree) if d == 0]
+    heapq.heapify(ready)
+    order: list[gs.Node] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for k in users[i]:
+            indegree[k] -= 1
+            if indegree[k] == 0:
+                heapq.heappush(ready, k)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name or nodes[i].op for i, d in enumerate(indegree) if d > 0][:5]
+        raise PassError(f"graph has a cycle (nodes involved include {stuck})")
+    return order
+
+
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Write atomically: into a temporary folder beside the destination, then rename into place.
+
+    ``external_data=None`` stores weights in ``<name>.data`` only when the model is above 2 GB.
+    An interrupted or failed write never leaves a half-written file or replaces an existing one.
+    """
+    dest = Path(path).resolve()
+    if dest.is_dir():
+        raise InputError(f"{path}: is a directory, expected an output .onnx file path")
+    if not dest.parent.is_dir():
+        raise InputError(f"{path}: output folder {dest.parent} does not exist")
+    if external_data is None:
+        external_data = runtime.model_bytes_estimate(proto) >= runtime.PROTO_LIMIT
+    tmp = tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    try:
+        tmp_model = os.path.join(tmp, dest.name)
+        data_name = dest.name + ".data"
+        if external_data:
+            out = onnx.ModelProto()
+            out.CopyFrom(proto)
+            onnx.save_model(out, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            with open(tmp_model, "wb") as fh:
+                fh.write(proto.SerializeToString(deterministic=True))
+                fh.flush()
+                os.fsync(fh.fileno())
+        tmp_data = os.path.join(tmp, data_name)
+        if os.path.exists(tmp_data):
+            os.replace(tmp_data, dest.parent / data_name)
+        os.replace(tmp_model, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tensor_from_array(name: str, value: np.ndarray) -> gs.Constant:
+    """A new constant tensor (copy of ``value``; never share buffers with an existing weight)."""
+    return gs.Constant(name, np.array(value, copy=True))
+
+
+def numpy_from_tensor_proto(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)

@@ -1,0 +1,132 @@
+"""onnxruntime helpers: what the installed runtime accepts, and building sessions from protos.
+
+Everything that creates an ``onnxruntime.InferenceSession`` goes through :func:`make_session`, so
+session options (threads, optimization level) and the >2 GB temp-file path live in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+logger = logging.getLogger(__name__)
+
+# protobuf refuses to serialize a message >= 2 GiB; stay clear of the limit.
+PROTO_LIMIT = 2**31 - 2**24
+
+
+def _relu_model(ir_version: int, opset: int) -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+def _loads(ir_version: int, opset: int) -> bool:
+    try:
+        ort.InferenceSession(_relu_model(ir_version, opset), providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # noqa: BLE001 - any refusal means "not supported"
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """Highest model IR version the installed onnxruntime loads (probed once)."""
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        if _loads(ir, 13):
+            return ir
+    return 7
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """Highest default-domain opset the installed onnxruntime loads (probed once)."""
+    ir = max_ir_version()
+    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
+        if _loads(ir, opset):
+            return opset
+    return 7
+
+
+def model_bytes_estimate(model: onnx.ModelProto) -> int:
+    """Serialized size without serializing (which fails above 2 GB): sum of tensor payloads + graph."""
+    total = 0
+    for init in _all_tensors(model.graph):
+        if init.HasField("raw_data"):
+            total += len(init.raw_data)
+        else:
+            total += 8 * (len(init.float_data) + len(init.int64_data) + len(init.double_data)
+                          + len(init.int32_data) + len(init.uint64_data))
+    return total + 64 * len(model.graph.node)
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def session_options(*, optimize: bool = True, threads: int | None = None,
+                    optimized_model_path: str | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if optimized_model_path:
+        opts.optimized_model_filepath = optimized_model_path
+    opts.log_severity_level = 3
+    return opts
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True,
+                 threads: int | None = None, optimized_model_path: str | None = None) -> ort.InferenceSession:
+    """Build a CPU session. Protos too big to serialize go through a temporary folder."""
+    opts = session_options(optimize=optimize, threads=threads, optimized_model_path=optimized_model_path)
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), opts, providers=providers)
+    if model_bytes_estimate(model) < PROTO_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    tmp = tempfile.mkdtemp(prefix="onnxslim-session-")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        return ort.InferenceSession(path, opts, providers=providers)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+ORT_TYPE_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(string)": np.str_,
+}
