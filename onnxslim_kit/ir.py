@@ -160,7 +160,11 @@ class ModelMeta:
     doc_string: str = ""
     metadata_props: list[tuple[str, str]] = field(default_factory=list)
     opset_imports: dict[str, int] = field(default_factory=dict)
-    # Initializers listed as graph inputs (IR < 4 models): overridable, never treated as constants.
+    # Graph input order, and the initializers also listed as graph inputs (IR < 4 exports). Those are
+    # overridable inputs with a default: graphsurgeon drops them from the inputs, so export restores
+    # them and constant_value() does not treat them as constants (FIELD-NOTES 8).
+    input_order: list[str] = field(default_factory=list)
+    initializer_inputs: list[str] = field(default_factory=list)
     source: str = "<memory>"
 
     @classmethod
@@ -174,6 +178,9 @@ class ModelMeta:
             doc_string=proto.doc_string,
             metadata_props=[(p.key, p.value) for p in proto.metadata_props],
             opset_imports={imp.domain: imp.version for imp in proto.opset_import},
+            input_order=[i.name for i in proto.graph.input],
+            initializer_inputs=[i.name for i in proto.graph.input
+                                if i.name in {t.name for t in proto.graph.initializer}],
             source=source,
         )
 
@@ -256,11 +263,11 @@ class Model:
         """The value of a constant tensor: an initializer (not overridable as a graph input) or the
         output of a ``Constant`` node (exporters such as paddle2onnx store every weight that way)."""
         if isinstance(tensor, gs.Constant):
-            if self.is_graph_input(tensor):
+            if self.is_graph_input(tensor) or tensor.name in self.meta.initializer_inputs:
                 return None
             return np.asarray(tensor.values)
         node = self.producer(tensor)
-        if node is None or node.op != "Constant" or node.domain not in ("", "ai.onnx"):
+        if node is None or node.op != "Constant" or (node.domain or "") not in ("", "ai.onnx"):
             return None
         attrs = node.attrs
         if "value" in attrs:
@@ -380,6 +387,7 @@ class Model:
         for domain, version in meta.opset_imports.items():
             if domain not in present and domain not in ("", "ai.onnx"):
                 proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        _restore_initializer_inputs(proto, meta)
         required = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         ir = max(meta.ir_version or required, required)
         proto.ir_version = min(ir, runtime.max_ir_version())
@@ -424,6 +432,22 @@ def _all_graphs(graph: gs.Graph):
 all_graphs = _all_graphs
 
 
+def _restore_initializer_inputs(proto: onnx.ModelProto, meta: ModelMeta) -> None:
+    """Re-list initializers that the source model declared as graph inputs, in the original order."""
+    if not meta.initializer_inputs:
+        return
+    inits = {t.name: t for t in proto.graph.initializer}
+    present = {vi.name: vi for vi in proto.graph.input}
+    for name in meta.initializer_inputs:
+        if name in inits and name not in present:
+            t = inits[name]
+            present[name] = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+    rank = {name: i for i, name in enumerate(meta.input_order)}
+    ordered = sorted(present.values(), key=lambda vi: rank.get(vi.name, len(rank)))
+    del proto.graph.input[:]
+    proto.graph.input.extend(ordered)
+
+
 def _count_initializers(graph: gs.Graph) -> int:
     total = 0
     for g in _all_graphs(graph):
@@ -453,18 +477,26 @@ def _subgraph_outer_refs(node: gs.Node) -> list[gs.Tensor]:
 
 def _kahn(nodes: list[gs.Node]) -> list[gs.Node]:
     producer_of: dict[int, int] = {}
+    producer_by_name: dict[str, int] = {}
     for i, node in enumerate(nodes):
         for out in node.outputs:
             producer_of[id(out)] = i
+            if out.name:
+                producer_by_name[out.name] = i
     indegree = [0] * len(nodes)
     users: list[list[int]] = [[] for _ in nodes]
     for i, node in enumerate(nodes):
         deps = set()
         inputs = list(node.inputs)
+        outer: list[gs.Tensor] = []
         if any(isinstance(a, (gs.Graph, list, tuple)) for a in node.attrs.values()):
-            inputs += _subgraph_outer_refs(node)
-        for t in inputs:
+            outer = _subgraph_outer_refs(node)
+        for t in inputs + outer:
             j = producer_of.get(id(t))
+            if j is None and t.name:
+                # graphsurgeon may import a subgraph's read of a not-yet-defined outer value as a
+                # separate tensor object: resolve those by name.
+                j = producer_by_name.get(t.name) if any(t is o for o in outer) else None
             if j is not None and j != i and j not in deps:
                 deps.add(j)
                 users[j].append(i)

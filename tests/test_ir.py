@@ -1,0 +1,225 @@
+import os
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+from builders import FLOAT, assert_parity, conv_bn_relu, init, make_model, relu_chain, run_model
+from onnxslim_kit import runtime
+from onnxslim_kit.errors import InputError, PassError
+from onnxslim_kit.ir import Model, load_proto, save_proto
+
+
+def test_ir_toposort_reversed_chain_5000_nodes():
+    proto = relu_chain(5000, reverse=True)
+    model = Model.from_proto(proto)
+    with pytest.raises(RecursionError):  # the reason ir.py has its own sort
+        gs.import_onnx(proto).toposort()
+    model.toposort()
+    assert [n.name for n in model.nodes[:3]] == ["relu_0", "relu_1", "relu_2"]
+    assert model.nodes[-1].name == "relu_4999"
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    x = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)
+    np.testing.assert_array_equal(run_model(out, {"t0": x})[0], np.maximum(x, 0))
+
+
+def test_ir_toposort_is_stable_and_detects_cycles():
+    model = Model.from_proto(conv_bn_relu())
+    before = [n.name for n in model.nodes]
+    model.toposort()
+    assert [n.name for n in model.nodes] == before
+    a, b = model.nodes[1], model.nodes[2]  # bn -> relu: make relu feed bn as well => cycle
+    a.inputs.append(b.outputs[0])
+    with pytest.raises(PassError, match="cycle"):
+        model.toposort()
+
+
+def test_ir_toposort_orders_subgraph_outer_scope_reads():
+    # 'scale' is produced by a Mul and read only inside the If branches: the If must come after it.
+    then_g = helper.make_graph([helper.make_node("Add", ["scale", "scale"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", FLOAT, [2])])
+    else_g = helper.make_graph([helper.make_node("Sub", ["scale", "scale"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", FLOAT, [2])])
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g),
+        helper.make_node("Mul", ["x", "x"], ["scale"], name="mul"),
+    ]
+    proto = make_model(nodes, [("x", FLOAT, [2]), ("cond", onnx.TensorProto.BOOL, [])], [("y", FLOAT, [2])])
+    model = Model.from_proto(proto)
+    model.toposort()
+    assert [n.name for n in model.nodes] == ["mul", "if"]
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    res = run_model(out, {"x": np.array([1, 2], np.float32), "cond": np.array(True)})[0]
+    np.testing.assert_array_equal(res, [2, 8])
+
+
+def test_ir_unique_name_avoids_every_existing_name():
+    model = Model.from_proto(conv_bn_relu())
+    assert model.unique_name("conv_out") == "conv_out_1"
+    assert model.unique_name("conv_out") == "conv_out_2"
+    assert model.unique_name("fresh") == "fresh"
+    assert model.unique_name("conv") == "conv_1"  # node names count too
+
+
+def test_ir_constant_value_sees_constant_nodes_and_not_overridable_inputs():
+    w = np.arange(4, dtype=np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=helper.make_tensor("wv", FLOAT, [4], w)),
+        helper.make_node("Constant", [], ["k"], value_ints=[1, 2]),
+        helper.make_node("Add", ["x", "w"], ["y0"]),
+        helper.make_node("Add", ["y0", "legacy"], ["y"]),
+    ]
+    legacy = init("legacy", np.ones(4, np.float32))
+    proto = make_model(nodes, [("x", FLOAT, [4]), ("legacy", FLOAT, [4])], [("y", FLOAT, [4])], [legacy])
+    model = Model.from_proto(proto)
+    t = model.tensors()
+    np.testing.assert_array_equal(model.constant_value(t["w"]), w)
+    np.testing.assert_array_equal(model.constant_value(t["k"]), [1, 2])
+    assert model.constant_value(t["legacy"]) is None  # initializer listed as an input: overridable
+    assert model.constant_value(t["x"]) is None
+    out = model.to_proto()  # the legacy input stays an input (graphsurgeon alone drops it)
+    assert [i.name for i in out.graph.input] == ["x", "legacy"]
+    onnx.checker.check_model(out, full_check=True)
+    x = np.zeros(4, np.float32)
+    assert run_model(out, {"x": x, "legacy": np.full(4, 2, np.float32)})[0].tolist() == [2, 3, 4, 5]
+
+
+def test_ir_replace_all_uses_keeps_graph_output_names():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Identity", ["r"], ["y"], name="id")]
+    proto = make_model(nodes, [("x", FLOAT, [3])], [("y", FLOAT, [3])])
+    model = Model.from_proto(proto)
+    t = model.tensors()
+    assert model.replace_all_uses(t["y"], t["r"])
+    model.remove_nodes([model.node_by_name("id")])
+    out = model.to_proto()
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert [n.op_type for n in out.graph.node] == ["Relu"]
+    assert_parity(proto, out, {"x": np.array([-1, 0, 2], np.float32)})
+
+
+def test_ir_replace_all_uses_refuses_to_rename_a_graph_input():
+    proto = make_model([helper.make_node("Identity", ["x"], ["y"], name="id")], [("x", FLOAT, [3])],
+                       [("y", FLOAT, [3])])
+    model = Model.from_proto(proto)
+    t = model.tensors()
+    assert model.replace_all_uses(t["y"], t["x"]) is False
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    assert model.graph.outputs[0] is t["y"]
+
+
+def test_ir_remove_nodes_and_cleanup_drop_dead_weights():
+    model = Model.from_proto(conv_bn_relu())
+    fc = model.node_by_name("fc")
+    flat = model.tensors()["flat"]
+    model.graph.outputs = [flat]
+    stats = model.cleanup()
+    assert stats["dead_nodes_removed"] == 1 and stats["unused_initializers_removed"] == 2
+    assert fc not in model.nodes
+    assert "fc.w" not in model.tensors()
+
+
+def test_ir_export_keeps_metadata_and_caps_ir_version():
+    proto = conv_bn_relu()
+    proto.ir_version = onnx.IR_VERSION
+    proto.doc_string = "doc"
+    proto.producer_name, proto.producer_version = "exporter", "9.9"
+    proto.model_version = 7
+    proto.metadata_props.add(key="labels", value="cat,dog")
+    out = Model.from_proto(proto).to_proto()
+    assert out.ir_version <= runtime.max_ir_version()
+    assert (out.doc_string, out.producer_name, out.producer_version, out.model_version) == \
+        ("doc", "exporter", "9.9", 7)
+    assert [(p.key, p.value) for p in out.metadata_props] == [("labels", "cat,dog")]
+    runtime.make_session(out)  # loads
+
+
+def test_ir_export_drops_stale_value_info_and_reinfers():
+    proto = conv_bn_relu()
+    proto.graph.value_info.append(helper.make_tensor_value_info("conv_out", FLOAT, [7, 7]))  # stale
+    out = Model.from_proto(proto).to_proto()
+    shapes = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+              for vi in out.graph.value_info}
+    assert shapes["conv_out"] == ["N", 8, 8, 8]
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_ir_external_data_roundtrip_and_atomic_save(tmp_path):
+    proto = conv_bn_relu(channels=64)  # conv.w is 6.9 kB: above the 1 kB external-data threshold
+    src = tmp_path / "m.onnx"
+    onnx.save_model(onnx.ModelProto.FromString(proto.SerializeToString()), src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    model = Model.load(src)
+    assert model.meta.source == str(src)
+    dst = tmp_path / "out.onnx"
+    save_proto(model.to_proto(), dst, external_data=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # temp folder gone
+    reloaded = load_proto(dst)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(reloaded, {"x": x})[0], run_model(proto, {"x": x})[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
+def test_ir_external_data_outside_model_folder_is_refused(tmp_path, location):
+    proto = conv_bn_relu()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    path = folder / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(InputError, match="outside the model's folder|absolute path"):
+        load_proto(path)
+
+
+def test_ir_external_data_symlink_escape_is_refused(tmp_path):
+    proto = conv_bn_relu()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
+    os.symlink(tmp_path / "secret.bin", folder / "w.bin")
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "w.bin"
+    path = folder / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(InputError, match="outside the model's folder"):
+        load_proto(path)
+
+
+def test_ir_save_failure_leaves_existing_file_untouched(tmp_path, monkeypatch):
+    dst = tmp_path / "out.onnx"
+    dst.write_bytes(b"previous")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_proto(conv_bn_relu(), dst)
+    assert dst.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["out.onnx"]
+
+
+def test_ir_fingerprint_is_deterministic_and_sensitive_to_weights():
+    a = Model.from_proto(conv_bn_relu(seed=0))
+    b = Model.from_proto(conv_bn_relu(seed=0))
+    c = Model.from_proto(conv_bn_relu(seed=1))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_ir_copy_does_not_alias_structure():
+    model = Model.from_proto(conv_bn_relu())
+    clone = model.copy()
+    clone.remove_nodes([clone.node_by_name("relu")])
+    assert len(model.nodes) == 6 and len(clone.nodes) == 5
