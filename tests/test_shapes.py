@@ -48,11 +48,12 @@ def test_shapes_parse_input_shape():
             parse_input_shape(bad)
 
 
-def test_shapes_infer_failure_returns_model_unchanged():
+def test_shapes_infer_failure_raises_only_in_strict_mode():
     # Broadcasting [2, 3] with [4] is impossible: inference raises in strict mode.
     nodes = [helper.make_node("Add", ["x", "b"], ["y"])]
     model = make_model(nodes, [("x", FLOAT, [2, 3])], [("y", FLOAT, None)],
                        [init("b", np.zeros(4, np.float32))])
     with pytest.raises(Exception):
         infer_shapes(model, strict=True)
-    assert infer_shapes(model, strict=False) is model
+    relaxed = infer_shapes(model, strict=False)  # never raises: partial (here: no) annotations
+    assert relaxed.graph == model.graph or list(relaxed.graph.value_info) == []
