@@ -308,7 +308,8 @@ def _cast(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     if array.dtype == spec.dtype:
         return np.ascontiguousarray(array)
     if spec.dtype.kind == "f":
-        out = array.astype(spec.dtype)
+        with np.errstate(over="ignore"):
+            out = array.astype(spec.dtype)
         if np.any(np.isinf(out) & np.isfinite(array)):
             raise InputError(f"{label}: '{spec.name}' has values that overflow {spec.dtype}")
         return out
@@ -405,8 +406,9 @@ def _stacked(arrays: Callable[[], dict[str, np.ndarray]], headers: dict[str, tup
                 logger.warning("%s: '%s' has %d samples, not a multiple of the static batch %d; the last %d "
                                "are not used", label, spec.name, shape[0], batch, shape[0] % batch)
         else:
-            raise InputError(f"{label}: '{spec.name}' has shape {tuple(shape)}: expected samples stacked on "
-                             f"axis 0 of an input shaped {_fmt_dims(spec.shape)}")
+            raise InputError(f"{label}: '{spec.name}' has rank {len(shape)} {tuple(shape)}: expected rank "
+                             f"{spec.rank} (samples on axis 0) or {spec.rank + 1} (whole feeds on axis 0) "
+                             f"for an input shaped {_fmt_dims(spec.shape)}")
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         raise InputError(f"{label}: inputs give different numbers of feeds ({detail})")
