@@ -257,11 +257,11 @@ class _Accumulator:
         return m
 
     def _cosine(self) -> float:
-        if self.ref_sq == 0.0 and self.cand_sq == 0.0:
-            return 1.0
+        if self.err_sq == 0.0 or (self.ref_sq == 0.0 and self.cand_sq == 0.0):
+            return 1.0                                  # equal (incl. both all-zero)
         if self.ref_sq == 0.0 or self.cand_sq == 0.0:
             return 0.0
-        return float(self.dot / (math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)))
+        return float(min(1.0, max(-1.0, self.dot / (math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)))))
 
     def _snr(self) -> float:
         if self.err_sq == 0.0:
