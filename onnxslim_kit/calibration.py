@@ -508,7 +508,8 @@ def _image_folder(files: list[Path], specs: list[InputSpec], label: str, preproc
     preprocess = dict(preprocess or {})
     unknown = sorted(set(preprocess) - PREPROCESS_KEYS)
     if unknown:
-        raise InputError(f"preprocess: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(PREPROCESS_KEYS))})")
+        raise InputError(f"preprocess: unknown key(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(PREPROCESS_KEYS))})")
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -344,3 +343,37 @@ def test_locate_without_shared_intermediates_checks_outputs_only():
     loc = ParityChecker(model, _data(model, n=1)).locate(renamed, EXACT)
     assert (loc.node_name, loc.tensor_name, loc.checked_tensors) == ("neg_1", "y", 1)
     assert loc.op_type == "Abs"
+
+
+def test_locate_with_constant_node_weights_names_the_computing_node():
+    model = conv_bn_relu()
+    consts = _copy(model)                                    # paddle2onnx style: weights as Constant nodes
+    weights = list(consts.graph.initializer)
+    del consts.graph.initializer[:]
+    for t in reversed(weights):
+        consts.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=t, name=f"const_{t.name}"))
+    onnx.checker.check_model(consts, full_check=True)
+    broken = _copy(consts)
+    node = next(n for n in broken.graph.node if n.name == "const_fc.w")
+    arr = numpy_helper.to_array(node.attribute[0].t).copy()
+    arr[3, 0] += 1.0
+    node.attribute[0].t.CopyFrom(numpy_helper.from_array(arr, "fc.w"))
+    checker = ParityChecker(consts, _data(consts))
+    assert checker.check(_copy(consts), EXACT).ok
+    loc = checker.locate(broken, EXACT)
+    assert (loc.node_name, loc.op_type, loc.tensor_name, loc.checked_tensors) == ("fc", "Gemm", "logits", 6)
+
+
+def test_legacy_model_with_initializer_inputs_uses_their_defaults():
+    w = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [("x", FLOAT, ["N", 4]), ("w", FLOAT, [4, 3])], [("y", FLOAT, ["N", 3])],
+                       [numpy_helper.from_array(w, "w")], opset=9, ir_version=3)
+    onnx.checker.check_model(model, full_check=True)
+    specs = input_specs(model)
+    assert [s.name for s in specs] == ["x"]
+    data = load_calibration(None, specs, num_samples=2)
+    assert compare(model, _copy(model), data, TIGHT).ok
+    changed = _with_weight(model, "w", lambda a: a.__setitem__((0, 0), a[0, 0] + 1.0))
+    report = compare(model, changed, data, TIGHT)
+    assert not report.ok and report.failures()[0].startswith("y: max_abs")
