@@ -354,8 +354,10 @@ class ParityChecker:
                 try:
                     values = self._ref_session.run(self.output_names, feed)
                 except Exception as exc:  # noqa: BLE001
+                    hint = ("; random data may not suit this model: pass real data (--calib) or pin "
+                            "shapes (--input-shape)") if self.data.is_random else ""
                     raise InputError(f"reference model fails on calibration batch {i} of {self.data.source} "
-                                     f"({_one_line(exc)})") from None
+                                     f"({_one_line(exc)}){hint}") from None
                 outs.append(dict(zip(self.output_names, values)))
             self._ref_outputs = outs
         return self._ref_outputs
@@ -384,7 +386,7 @@ class ParityChecker:
         common = [n for n in self.output_names if n in cand_names]
         accs = {n: _Accumulator(n, tolerance) for n in common}
         batches = 0
-        for i, (feed, ref) in enumerate(self._track(zip(self.data, refs), "parity: candidate")):
+        for i, (feed, ref) in enumerate(zip(self._track(self.data, "parity: candidate"), refs)):
             try:
                 values = session.run(common, feed)
             except Exception as exc:  # noqa: BLE001

@@ -377,3 +377,15 @@ def test_legacy_model_with_initializer_inputs_uses_their_defaults():
     changed = _with_weight(model, "w", lambda a: a.__setitem__((0, 0), a[0, 0] + 1.0))
     report = compare(model, changed, data, TIGHT)
     assert not report.ok and report.failures()[0].startswith("y: max_abs")
+
+
+def test_random_data_that_does_not_suit_the_model_says_how_to_fix_it():
+    shape = numpy_helper.from_array(np.array([-1, 5], np.int64), "shape")
+    model = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
+                       [("x", FLOAT, ["N", "L"])], [("y", FLOAT, [None, 5])], [shape])
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(InputError, match=r"batch 0 of random\(seed=0, samples=2\).*--input-shape"):
+        ParityChecker(model, _data(model, n=2)).check(_copy(model), EXACT)       # L defaults to 16
+    pinned = random_calibration(input_specs(model, {"x": [1, 10]}), num_samples=2)
+    report = compare(model, _copy(model), pinned, EXACT)
+    assert report.ok and report.outputs[0].ref_shape == (2, 5)
