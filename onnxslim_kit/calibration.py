@@ -74,6 +74,7 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
     int_high: int | None = None
+    rank_known: bool = True          # False when the model declares no shape at all (data is not checked)
 
     @property
     def rank(self) -> int:
@@ -142,7 +143,8 @@ def input_specs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
                                      f"static dim {declared}")
             dims = tuple(pinned)
         high = _vocab_guess(model, vi.name) if dtype.kind in "iu" else None
-        specs.append(InputSpec(vi.name, dtype, dims, high))
+        rank_known = vi.type.tensor_type.HasField("shape") or vi.name in shapes
+        specs.append(InputSpec(vi.name, dtype, dims, high, rank_known))
     return specs
 
 
@@ -219,6 +221,9 @@ def random_calibration(specs: list[InputSpec], *, num_samples: int = 8, seed: in
     if num_samples < 1:
         raise InputError(f"--calib-samples {num_samples}: must be at least 1")
     for spec in specs:  # fail now, not during the first iteration
+        if not spec.rank_known:
+            raise InputError(f"model input '{spec.name}' declares no shape: random data needs one, pin it "
+                             f"with --input-shape {spec.name}:D1,D2,... or pass --calib")
         if spec.dtype.kind not in "biuf":
             _random_array(spec, (), np.random.default_rng(0))
     batch = _feed_batch(specs, batch_size)
@@ -286,6 +291,8 @@ def _check_dtype(dtype: np.dtype, spec: InputSpec, label: str) -> None:
 
 
 def _check_shape(shape: tuple[int, ...], spec: InputSpec, label: str, *, skip_batch: bool = False) -> None:
+    if not spec.rank_known:
+        return
     if len(shape) != len(spec.shape):
         raise InputError(f"{label}: '{spec.name}' has rank {len(shape)} {tuple(shape)}, the model expects "
                          f"rank {len(spec.shape)} {_fmt_dims(spec.shape)}")
@@ -394,7 +401,12 @@ def _stacked(arrays: Callable[[], dict[str, np.ndarray]], headers: dict[str, tup
     for spec in specs:
         shape, dtype = headers[spec.name]
         _check_dtype(dtype, spec, label)
-        if len(shape) == len(spec.shape) + 1:
+        if not spec.rank_known:
+            if not shape:
+                raise InputError(f"{label}: '{spec.name}' is a scalar; expected samples stacked on axis 0")
+            modes[spec.name] = "rows"
+            counts[spec.name] = math.ceil(shape[0] / batch)
+        elif len(shape) == len(spec.shape) + 1:
             modes[spec.name] = "feeds"
             _check_shape(shape[1:], spec, label)
             counts[spec.name] = shape[0]

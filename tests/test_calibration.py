@@ -381,3 +381,19 @@ def test_image_folder_without_pillow_is_input_error(tmp_path, monkeypatch):
 def test_calibration_data_len_and_samples_of_custom_source():
     data = CalibrationData(lambda: iter([{"x": np.zeros(1)}]), length=1, num_samples=1, source="s", is_random=False)
     assert len(data) == 1 and data.num_samples == 1 and list(data)[0]["x"].shape == (1,)
+
+
+def test_input_without_declared_shape(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)          # no shape at all
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [x],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    specs = input_specs(model)
+    assert specs[0].shape == () and not specs[0].rank_known
+    with pytest.raises(InputError, match="declares no shape.*--input-shape x:D1,D2"):
+        random_calibration(specs)
+    pinned = input_specs(model, {"x": [2, 3]})
+    assert pinned[0].rank_known and next(iter(random_calibration(pinned)))["x"].shape == (2, 3)
+    np.savez(tmp_path / "c.npz", x=np.arange(12, dtype=np.float32).reshape(4, 3))
+    feeds = list(load_calibration(tmp_path / "c.npz", specs, batch_size=2))
+    assert [f["x"].shape for f in feeds] == [(2, 3), (2, 3)]
+    np.testing.assert_array_equal(run_model(model, feeds[1])[0], np.arange(6, 12, dtype=np.float32).reshape(2, 3))
