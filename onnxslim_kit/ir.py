@@ -323,9 +323,10 @@ class Model:
             out_name = old.name
             old.name = self.unique_name(out_name + "_replaced")
             new.name = out_name
-            if new.dtype is None:
+            # Same value, so the graph output keeps its declared type and shape.
+            if old.dtype is not None:
                 new.dtype = old.dtype
-            if new.shape is None:
+            if old.shape is not None:
                 new.shape = old.shape
             for i in out_positions:
                 self.graph.outputs[i] = new
