@@ -163,6 +163,7 @@ class ModelMeta:
     # Graph input order, and the initializers also listed as graph inputs (IR < 4 exports). Those are
     # overridable inputs with a default: graphsurgeon drops them from the inputs, so export restores
     # them and constant_value() does not treat them as constants (FIELD-NOTES 8).
+    node_doc_strings: dict[str, str] = field(default_factory=dict)  # graphsurgeon drops them
     input_order: list[str] = field(default_factory=list)
     initializer_inputs: list[str] = field(default_factory=list)
     source: str = "<memory>"
@@ -178,6 +179,7 @@ class ModelMeta:
             doc_string=proto.doc_string,
             metadata_props=[(p.key, p.value) for p in proto.metadata_props],
             opset_imports={imp.domain: imp.version for imp in proto.opset_import},
+            node_doc_strings={n.name: n.doc_string for n in proto.graph.node if n.name and n.doc_string},
             input_order=[i.name for i in proto.graph.input],
             initializer_inputs=[i.name for i in proto.graph.input
                                 if i.name in {t.name for t in proto.graph.initializer}],
@@ -389,6 +391,11 @@ class Model:
             if domain not in present and domain not in ("", "ai.onnx"):
                 proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
         _restore_initializer_inputs(proto, meta)
+        if meta.node_doc_strings:
+            for node in proto.graph.node:
+                doc = meta.node_doc_strings.get(node.name)
+                if doc and not node.doc_string:
+                    node.doc_string = doc
         required = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         ir = max(meta.ir_version or required, required)
         proto.ir_version = min(ir, runtime.max_ir_version())

@@ -32,7 +32,7 @@ def make_model(nodes, inputs, outputs, initializers=(), *, opset: int = 17, ir_v
                               initializer=list(initializers), value_info=[vi(v) for v in value_info])
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
     model = helper.make_model(graph, opset_imports=opsets, functions=list(functions))
-    model.ir_version = ir_version if ir_version is not None else max(8, helper.find_min_ir_version_for(opsets))
+    model.ir_version = ir_version if ir_version is not None else max(8, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     if any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
         # Outputs given with shape None: take the inferred shape (the checker wants one).
         inferred = onnx.shape_inference.infer_shapes(model)

@@ -223,3 +223,17 @@ def test_ir_copy_does_not_alias_structure():
     clone = model.copy()
     clone.remove_nodes([clone.node_by_name("relu")])
     assert len(model.nodes) == 6 and len(clone.nodes) == 5
+
+
+def test_ir_export_keeps_local_functions_and_node_doc_strings():
+    fn = helper.make_function("custom.ns", "Swish", ["X"], ["Y"],
+                              [helper.make_node("Sigmoid", ["X"], ["S"]), helper.make_node("Mul", ["X", "S"], ["Y"])],
+                              opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Swish", ["x"], ["y"], domain="custom.ns", name="sw", doc_string="swish here")]
+    proto = make_model(nodes, [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])], functions=[fn],
+                       extra_opsets=[("custom.ns", 1)])
+    out = Model.from_proto(proto).to_proto()
+    assert [f.name for f in out.functions] == ["Swish"]
+    assert {(o.domain, o.version) for o in out.opset_import} >= {("", 17), ("custom.ns", 1)}
+    assert out.graph.node[0].doc_string == "swish here"
+    assert_parity(proto, out, {"x": np.linspace(-2, 2, 6, dtype=np.float32).reshape(2, 3)})
