@@ -385,11 +385,17 @@ class Model:
         for key, value in meta.metadata_props:
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        # Keep opset imports the graph no longer mentions (custom domains used by functions).
+        # Keep opset imports the graph no longer mentions (custom domains used by functions), and
+        # declare domains that passes introduced (com.microsoft contrib ops).
         present = {imp.domain for imp in proto.opset_import}
         for domain, version in meta.opset_imports.items():
             if domain not in present and domain not in ("", "ai.onnx"):
                 proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+                present.add(domain)
+        for node in proto.graph.node:
+            if node.domain not in present and node.domain not in ("", "ai.onnx"):
+                proto.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
+                present.add(node.domain)
         _restore_initializer_inputs(proto, meta)
         if meta.node_doc_strings:
             for node in proto.graph.node:
@@ -561,7 +567,15 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def tensor_from_array(name: str, value: np.ndarray) -> gs.Constant:
-    """A new constant tensor (copy of ``value``; never share buffers with an existing weight)."""
+    """A new constant tensor (copy of ``value``; never share buffers with an existing weight).
+
+    Sub-byte and other ml_dtypes arrays (int4, uint4, int2, float8...) are packed by onnx's
+    ``numpy_helper`` (graphsurgeon's own exporter writes them unpacked, which is invalid)."""
+    value = np.asarray(value)
+    if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(value, name)))
     return gs.Constant(name, np.array(value, copy=True))
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import ml_dtypes  # ships with onnx: numpy dtypes for int4/int2
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_kit.ir import Model
+from onnxslim_kit.ir import Model, tensor_from_array
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
 
@@ -47,6 +48,33 @@ def quantize_weight_symmetric(weight: np.ndarray, *, axis: int | None, bits: int
         shape[axis] = -1
     q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def _match_weight(model: Model, node: gs.Node):
+    """(weight tensor, weight as [K, N], bias tensor or None), or the reason to skip."""
+    a = node.inputs[0]
+    if a.dtype is not None and np.dtype(a.dtype) != np.float32:
+        return f"activation dtype {np.dtype(a.dtype)} is not float32"
+    weight_t = node.inputs[1]
+    weight = model.constant_value(weight_t)
+    if weight is None:
+        return "second input is not a constant weight (activation x activation MatMul)"
+    if weight.dtype != np.float32:
+        return f"weight dtype {weight.dtype} is not float32"
+    if weight.ndim != 2:
+        return f"weight is {weight.ndim}-D, not 2-D"
+    bias_t = None
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return "Gemm with transA=1"
+        if float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0:
+            return "Gemm with alpha/beta != 1"
+        if node.attrs.get("transB", 0):
+            weight = weight.T
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias_t = node.inputs[2]
+    return weight_t, np.ascontiguousarray(weight), bias_t
+
 
 
 @register_pass
@@ -96,7 +124,7 @@ class QuantizeDynamic(Pass):
             if node.name in self.exclude:
                 skipped.append((label, "excluded by option"))
                 continue
-            plan = self._match(model, node)
+            plan = _match_weight(model, node)
             if isinstance(plan, str):
                 skipped.append((label, plan))
                 continue
@@ -120,31 +148,6 @@ class QuantizeDynamic(Pass):
         stats = {"nodes_quantized": done, "weights_quantized": len(cache),
                  "weight_bytes_before": weight_bytes_before, "weight_bytes_after": weight_bytes_after}
         return PassResult(model, done > 0, stats, skipped)
-
-    def _match(self, model: Model, node: gs.Node):
-        """(weight tensor, weight as [K, N], bias tensor or None), or the reason to skip."""
-        a = node.inputs[0]
-        if a.dtype is not None and np.dtype(a.dtype) != np.float32:
-            return f"activation dtype {np.dtype(a.dtype)} is not float32"
-        weight_t = node.inputs[1]
-        weight = model.constant_value(weight_t)
-        if weight is None:
-            return "second input is not a constant weight (activation x activation MatMul)"
-        if weight.dtype != np.float32:
-            return f"weight dtype {weight.dtype} is not float32"
-        if weight.ndim != 2:
-            return f"weight is {weight.ndim}-D, not 2-D"
-        bias_t = None
-        if node.op == "Gemm":
-            if node.attrs.get("transA", 0):
-                return "Gemm with transA=1"
-            if float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0:
-                return "Gemm with alpha/beta != 1"
-            if node.attrs.get("transB", 0):
-                weight = weight.T
-            if len(node.inputs) > 2 and node.inputs[2].name:
-                bias_t = node.inputs[2]
-        return weight_t, np.ascontiguousarray(weight), bias_t
 
     @staticmethod
     def _rewrite(model: Model, node: gs.Node, q_t: gs.Constant, zp_t: gs.Constant, scale: np.ndarray,
@@ -180,4 +183,192 @@ class QuantizeDynamic(Pass):
         new_nodes[-1].outputs[0] = out
         model.graph.nodes.remove(node)
         model.graph.nodes.extend(new_nodes)
+        model.invalidate()
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize-weights: weight-only blocked int4 / int8 / int2
+# ----------------------------------------------------------------------------------------------
+
+_SUB_BYTE = {4: ("int4", "uint4"), 2: ("int2", "uint2"), 8: ("int8", "uint8")}
+_DQ_MIN_OPSET = {8: 21, 4: 21, 2: 25}  # blocked DequantizeLinear; INT2 only from opset 25
+
+
+def quantize_blocked(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Quantize a [K, N] weight in blocks of ``block_size`` rows along K (the reduction axis).
+
+    Returns integer values [K, N] (int8 container: signed if symmetric, else unsigned range), scales
+    [ceil(K/bs), N] float32 and zero points of the same shape (None when symmetric)."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float32)
+    padded[:k] = weight
+    wb = padded.reshape(blocks, block_size, n)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1 if bits > 2 else 1  # int2 symmetric = ternary {-1, 0, 1}
+        amax = np.abs(wb).max(axis=1)
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        q = np.clip(np.rint(wb / scale[:, None, :]), -qmax, qmax).astype(np.int16)
+        zero = None
+    else:
+        levels = 2 ** bits - 1
+        lo = np.minimum(wb.min(axis=1), 0.0)
+        hi = np.maximum(wb.max(axis=1), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+        zero = np.clip(np.rint(-lo / scale), 0, levels).astype(np.int16)
+        q = np.clip(np.rint(wb / scale[:, None, :]) + zero[:, None, :], 0, levels).astype(np.int16)
+    return q.reshape(-1, n)[:k], scale, zero
+
+
+def dequantize_blocked(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int) -> np.ndarray:
+    k, n = q.shape
+    idx = np.arange(k) // block_size
+    zp = 0 if zero is None else zero[idx].astype(np.float32)
+    return ((q.astype(np.float32) - zp) * scale[idx]).astype(np.float32)
+
+
+@register_pass
+class QuantizeWeights(Pass):
+    """Weight-only quantization of MatMul/Gemm weights in blocks along the reduction axis.
+
+    Options:
+        bits: 4 (int4, ~4x smaller), 8, or 2 (ternary; opset >= 25, large accuracy cost)
+        block_size: rows of K sharing one scale (power of two >= 16)
+        symmetric: symmetric signed values (true) or asymmetric with zero points (false)
+        format: auto (standard DequantizeLinear when the opset allows, else MatMulNBits), dq, matmulnbits
+        accuracy_level: MatMulNBits compute precision (4 = int8 compute, fastest on CPU)
+        exclude: node names to keep in float, '+'-separated
+        min_elements: skip weights smaller than this many elements
+        min_cosine: parity bound this pass promises on the final outputs
+    """
+
+    name = "quantize-weights"
+    summary = "weight-only blocked int4/int8/int2 for MatMul/Gemm (DequantizeLinear or MatMulNBits)"
+    tolerance = Tolerance(min_cosine=0.98)
+
+    def __init__(self, *, bits: Literal[4, 8, 2] = 4, block_size: int = 32, symmetric: bool = True,
+                 format: Literal["auto", "dq", "matmulnbits"] = "auto", accuracy_level: int = 4,
+                 exclude: list[str] | None = None, min_elements: int = 4096, min_cosine: float = 0.98):
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size {block_size}: must be a power of two >= 16")
+        if bits == 2 and format == "matmulnbits":
+            raise ValueError("bits=2 is only available as DequantizeLinear (format=dq, opset >= 25)")
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.format, self.accuracy_level = format, accuracy_level
+        self.exclude = list(exclude) if exclude else []
+        self.min_elements = min_elements
+        self.min_cosine = min_cosine
+        self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def _resolve_format(self, opset: int) -> str:
+        if self.format == "dq" or (self.format == "auto" and opset >= _DQ_MIN_OPSET[self.bits]):
+            if opset < _DQ_MIN_OPSET[self.bits]:
+                raise ValueError(f"bits={self.bits} as DequantizeLinear needs opset >= {_DQ_MIN_OPSET[self.bits]}, "
+                                 f"the model has {opset}")
+            return "dq"
+        if self.bits == 2:
+            raise ValueError(f"bits=2 needs opset >= 25 (INT2 DequantizeLinear); the model has {opset}")
+        return "matmulnbits"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        fmt = self._resolve_format(model.opset)
+        skipped: list[tuple[str, str]] = []
+        cache: dict[int, gs.Tensor] = {}   # weight tensor id -> dequantized weight tensor (dq format)
+        stats = {"nodes_quantized": 0, "weights_quantized": 0, "weight_bytes_before": 0,
+                 "weight_bytes_after": 0, "max_weight_rel_error": 0.0}
+        warnings = []
+        if fmt == "matmulnbits":
+            warnings.append("quantize-weights: using com.microsoft.MatMulNBits (runs in onnxruntime only); "
+                            "opset >= 21 models get standard DequantizeLinear")
+        for node in list(model.nodes):
+            if node.op not in ("MatMul", "Gemm"):
+                continue
+            label = node.name or f"<{node.op}>"
+            if node.name in self.exclude:
+                skipped.append((label, "excluded by option"))
+                continue
+            plan = _match_weight(model, node)
+            if isinstance(plan, str):
+                skipped.append((label, plan))
+                continue
+            weight_t, weight, bias_t = plan
+            if weight.size < self.min_elements:
+                skipped.append((label, f"weight has {weight.size} elements < min_elements={self.min_elements}"))
+                continue
+            k, n = weight.shape
+            if fmt == "matmulnbits" and k % self.block_size:
+                skipped.append((label, f"K={k} is not a multiple of block_size={self.block_size}"))
+                continue
+            key = (id(weight_t), node.op == "Gemm" and bool(node.attrs.get("transB", 0)))
+            q, scale, zero = quantize_blocked(weight, bits=self.bits, block_size=self.block_size,
+                                              symmetric=self.symmetric)
+            err = np.linalg.norm(dequantize_blocked(q, scale, zero, self.block_size) - weight) / \
+                max(np.linalg.norm(weight), 1e-12)
+            stats["max_weight_rel_error"] = max(stats["max_weight_rel_error"], round(float(err), 6))
+            if key not in cache:
+                stats["weights_quantized"] += 1
+                stats["weight_bytes_before"] += weight.nbytes
+                stats["weight_bytes_after"] += q.size * self.bits // 8 + scale.nbytes + \
+                    (0 if zero is None else zero.size * self.bits // 8)
+                cache[key] = self._emit_weight(model, weight_t.name, q, scale, zero, fmt)
+            self._replace(model, node, cache[key], bias_t, fmt, k, n)
+            stats["nodes_quantized"] += 1
+        return PassResult(model, stats["nodes_quantized"] > 0, stats, skipped, warnings)
+
+    def _emit_weight(self, model: Model, base: str, q, scale, zero, fmt):
+        signed, unsigned = _SUB_BYTE[self.bits]
+        if fmt == "dq":
+            np_type = getattr(ml_dtypes, signed if self.symmetric else unsigned) if self.bits != 8 else \
+                (np.int8 if self.symmetric else np.uint8)
+            q_t = tensor_from_array(model.unique_name(base + f"_q{self.bits}"), q.astype(np_type))
+            s_t = tensor_from_array(model.unique_name(base + "_scale"), scale)
+            inputs = [q_t, s_t]
+            if zero is not None:
+                inputs.append(tensor_from_array(model.unique_name(base + "_zero_point"), zero.astype(np_type)))
+            w = gs.Variable(model.unique_name(base + "_dequantized"), dtype=np.float32, shape=list(q.shape))
+            model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(base + "_dq"), inputs=inputs,
+                                             outputs=[w], attrs={"axis": 0, "block_size": self.block_size}))
+            return w
+        # MatMulNBits: B [N, K/bs, bs*bits/8] uint8 (low bits first), scales [N*K/bs], zero points packed.
+        k, n = q.shape
+        blocks = k // self.block_size
+        offset = 0 if not self.symmetric else 2 ** (self.bits - 1)  # stored unsigned; default zp = 2^(b-1)
+        qu = (q + offset).astype(np.uint8).T.reshape(n, blocks, self.block_size)
+        per_byte = 8 // self.bits
+        packed = np.zeros((n, blocks, self.block_size // per_byte), np.uint8)
+        for i in range(per_byte):
+            packed |= (qu[..., i::per_byte] << (self.bits * i)).astype(np.uint8)
+        inputs = [tensor_from_array(model.unique_name(base + f"_q{self.bits}"), packed),
+                  tensor_from_array(model.unique_name(base + "_scale"), scale.T.reshape(-1).copy())]
+        if zero is not None:
+            zu = zero.astype(np.uint8).T  # [N, blocks]
+            zb = -(-blocks // per_byte)
+            zpad = np.zeros((n, zb * per_byte), np.uint8)
+            zpad[:, :blocks] = zu
+            zpacked = np.zeros((n, zb), np.uint8)
+            for i in range(per_byte):
+                zpacked |= (zpad[:, i::per_byte] << (self.bits * i)).astype(np.uint8)
+            inputs.append(tensor_from_array(model.unique_name(base + "_zero_point"), zpacked.reshape(-1)))
+        return inputs
+
+    def _replace(self, model: Model, node: gs.Node, weight, bias_t, fmt: str, k: int, n: int) -> None:
+        out = node.outputs[0]
+        base = node.name or node.op.lower()
+        x = node.inputs[0]
+        node.outputs.clear()
+        node.inputs.clear()
+        model.graph.nodes.remove(node)
+        mm_out = out if bias_t is None else gs.Variable(model.unique_name(base + "_matmul"), dtype=np.float32)
+        if fmt == "dq":
+            new = gs.Node("MatMul", model.unique_name(base + "_wq"), inputs=[x, weight], outputs=[mm_out])
+        else:
+            new = gs.Node("MatMulNBits", model.unique_name(base + "_nbits"), domain="com.microsoft",
+                          inputs=[x] + list(weight), outputs=[mm_out],
+                          attrs={"K": k, "N": n, "bits": self.bits, "block_size": self.block_size,
+                                 "accuracy_level": self.accuracy_level})
+        model.graph.nodes.append(new)
+        if bias_t is not None:
+            model.graph.nodes.append(gs.Node("Add", model.unique_name(base + "_bias"), inputs=[mm_out, bias_t],
+                                             outputs=[out]))
         model.invalidate()

@@ -102,3 +102,70 @@ def test_quantize_dynamic_keeps_graph_output_names():
     assert [o.name for o in out.graph.output] == ["y"]
     x = r.standard_normal((3, 64)).astype(np.float32)
     assert _cosine(run_model(proto, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.999
+
+
+# ---------------------------------------------------------------- quantize-weights
+
+from passes.quantize import dequantize_blocked, quantize_blocked  # noqa: E402
+
+
+def _fc(opset):
+    r = rng(3)
+    inits = [init("w1", (r.standard_normal((128, 96)) * 0.1).astype(np.float32)),
+             init("w2", (r.standard_normal((64, 96)) * 0.1).astype(np.float32)),
+             init("b2", r.standard_normal(64).astype(np.float32)),
+             init("s", np.array([-1, 96], np.int64))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "s"], ["h2"], name="rs"),
+             helper.make_node("Gemm", ["h2", "w2", "b2"], ["y"], name="gemm", transB=1)]
+    return make_model(nodes, [("x", FLOAT, ["B", 4, 128])], [("y", FLOAT, None)], inits, opset=opset)
+
+
+def test_quantize_blocked_roundtrip_error_bounds():
+    w = rng(0).standard_normal((70, 5)).astype(np.float32)  # K not a multiple of the block
+    for bits, symmetric in [(4, True), (4, False), (8, True), (2, False)]:
+        q, scale, zero = quantize_blocked(w, bits=bits, block_size=32, symmetric=symmetric)
+        assert scale.shape == (3, 5) and (zero is None) == symmetric
+        err = np.abs(dequantize_blocked(q, scale, zero, 32) - w)
+        step = scale[np.arange(70) // 32]
+        assert np.all(err <= step / 2 + 1e-6)  # rounding error at most half a step
+
+
+@pytest.mark.parametrize("opset, spec, fmt, min_cos", [
+    (17, "quantize-weights", "MatMulNBits", 0.99),
+    (21, "quantize-weights", "DequantizeLinear", 0.99),
+    (21, "quantize-weights:bits=8", "DequantizeLinear", 0.9999),
+    (21, "quantize-weights:symmetric=false", "DequantizeLinear", 0.99),
+    (25, "quantize-weights:bits=2,symmetric=false", "DequantizeLinear", 0.85),
+])
+def test_quantize_weights_formats_run_and_fuse(tmp_path, opset, spec, fmt, min_cos):
+    proto = _fc(opset)
+    model, records = Pipeline.from_specs([spec + ("," if ":" in spec else ":") + "min_elements=16"]).run(Model.from_proto(proto), PassContext())
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    rec = records[0]
+    assert rec.stats["nodes_quantized"] == 2
+    ops = [n.op_type for n in out.graph.node]
+    assert fmt in ops and "Gemm" not in ops
+    x = rng(4).standard_normal((2, 4, 128)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    got = ort.InferenceSession(out.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert _cosine(run_model(proto, {"x": x})[0], got) > min_cos
+    # onnxruntime runs every quantized weight through its n-bit kernel: no float MatMul left.
+    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert fused.count("MatMulNBits") == 2 and "MatMul" not in fused
+    bits = int(spec.partition("bits=")[2][:1] or 4)
+    assert rec.stats["weight_bytes_after"] < rec.stats["weight_bytes_before"] * (bits / 32 + 0.1)
+
+
+def test_quantize_weights_int2_needs_opset_25():
+    with pytest.raises(Exception, match="bits=2 needs opset >= 25"):
+        Pipeline.from_specs(["quantize-weights:bits=2"]).run(Model.from_proto(_fc(21)), PassContext())
+
+
+def test_quantize_weights_option_errors():
+    with pytest.raises(InputError, match="power of two"):
+        build_pass("quantize-weights", {"block_size": "24"})
+    with pytest.raises(InputError, match="expected one of 4, 8, 2"):
+        build_pass("quantize-weights", {"bits": "3"})
