@@ -372,3 +372,170 @@ class QuantizeWeights(Pass):
             model.graph.nodes.append(gs.Node("Add", model.unique_name(base + "_bias"), inputs=[mm_out, bias_t],
                                              outputs=[out]))
         model.invalidate()
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16
+# ----------------------------------------------------------------------------------------------
+
+FP16_MAX = float(np.finfo(np.float16).max)
+# Precision-sensitive ops kept in float32 by default (long reductions, normalisation, exponentials),
+# plus ops whose float inputs are sizes or scales rather than data.
+DEFAULT_FP32_OPS = ("Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum",
+                    "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Range", "Resize", "Upsample",
+                    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                    "ConstantOfShape", "NonMaxSuppression", "RoiAlign", "CumSum", "EyeLike")
+# Ops that accept any input type: their inputs never need a cast back to float32.
+_TYPE_AGNOSTIC_INPUTS = {"Shape", "Size", "Cast", "CastLike"}
+
+
+@register_pass
+class Fp16(Pass):
+    """Convert weights and compute to float16; model inputs and outputs stay float32.
+
+    Options:
+        keep_ops: op types kept in float32, '+'-separated (default: Softmax, LayerNormalization,
+            reductions, Range, Resize, random and shape-like ops)
+        keep_nodes: node names kept in float32, '+'-separated
+        min_cosine: parity bound this pass promises on the final outputs
+    """
+
+    name = "fp16"
+    summary = "float16 weights and compute, float32 model inputs/outputs, casts only at boundaries"
+    tolerance = Tolerance(min_cosine=0.999)
+
+    def __init__(self, *, keep_ops: list[str] | None = None, keep_nodes: list[str] | None = None,
+                 min_cosine: float = 0.999):
+        self.keep_ops = list(keep_ops) if keep_ops is not None else list(DEFAULT_FP32_OPS)
+        self.keep_nodes = list(keep_nodes) if keep_nodes else []
+        self.min_cosine = min_cosine
+        self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from onnxslim_kit.shapes import infer_shapes
+
+        types = {vi.name: vi.type.tensor_type.elem_type
+                 for vi in _value_infos(infer_shapes(model.to_proto(value_info="drop")))}
+        f32 = 1
+
+        def is_f32(t: gs.Tensor) -> bool:
+            if isinstance(t, gs.Constant):
+                return np.asarray(t.values).dtype == np.float32
+            if model.constant_value(t) is not None:
+                return model.constant_value(t).dtype == np.float32
+            return types.get(t.name) == f32 or (t.dtype is not None and np.dtype(t.dtype) == np.float32)
+
+        outer = _outer_scope_names(model)
+        skipped: list[tuple[str, str]] = []
+        warnings: list[str] = []
+        half: dict[str, gs.Tensor] = {}      # float32 tensor name -> its float16 version
+        back: dict[str, gs.Tensor] = {}      # converted tensor name -> float32 cast of it
+        converted: set[str] = set()          # tensors now float16 in place
+        new_nodes: list[gs.Node] = []
+        stats = {"nodes_fp16": 0, "nodes_fp32": 0, "casts_added": 0, "weights_converted": 0,
+                 "weights_clipped": 0}
+
+        def to_half(t: gs.Tensor) -> gs.Tensor:
+            if t.name in converted:
+                return t
+            if t.name in half:
+                return half[t.name]
+            value = model.constant_value(t)
+            if value is not None:
+                if np.any(np.abs(value[np.isfinite(value)]) > FP16_MAX):
+                    stats["weights_clipped"] += 1
+                    warnings.append(f"fp16: constant '{t.name}' has values beyond +-65504, clipped")
+                with np.errstate(over="ignore"):
+                    h = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16)
+                new = gs.Constant(model.unique_name(t.name + "_fp16"), h)
+                stats["weights_converted"] += 1
+            else:
+                new = gs.Variable(model.unique_name(t.name + "_fp16"), dtype=np.float16, shape=t.shape)
+                new_nodes.append(gs.Node("Cast", model.unique_name(t.name + "_to_fp16"), attrs={"to": 10},
+                                         inputs=[t], outputs=[new]))
+                stats["casts_added"] += 1
+            half[t.name] = new
+            return new
+
+        def to_float(t: gs.Tensor) -> gs.Tensor:
+            if t.name not in back:
+                new = gs.Variable(model.unique_name(t.name + "_fp32"), dtype=np.float32, shape=t.shape)
+                new_nodes.append(gs.Node("Cast", model.unique_name(t.name + "_to_fp32"), attrs={"to": 1},
+                                         inputs=[t], outputs=[new]))
+                stats["casts_added"] += 1
+                back[t.name] = new
+            return back[t.name]
+
+        model.toposort()
+        for node in list(model.nodes):
+            label = node.name or f"<{node.op}>"
+            float_in = [t for t in node.inputs if t.name and is_f32(t)]
+            float_out = [t for t in node.outputs if t.name and is_f32(t)]
+            reason = ""
+            if node.op == "Constant":
+                continue  # consumers convert constants they read
+            if not float_in and not float_out:
+                reason = "no float32 tensors"
+            elif node.op in self.keep_ops or node.name in self.keep_nodes:
+                reason = "kept in float32 by option"
+            elif (node.domain or "") not in ("", "ai.onnx"):
+                reason = f"op in domain '{node.domain}'"
+            elif any(isinstance(a, gs.Graph) for a in node.attrs.values()):
+                reason = "has a subgraph (control flow kept in float32)"
+            elif any(t.name in outer for t in node.outputs):
+                reason = "output is read inside a subgraph"
+            elif any(t.name and t.dtype is None and t.name not in types and model.constant_value(t) is None
+                     for t in node.inputs):
+                reason = "an input's dtype is unknown"
+            elif node.op in ("Cast", "CastLike") or node.op in _TYPE_AGNOSTIC_INPUTS:
+                reason = "type conversion op"
+            if reason:
+                if reason != "no float32 tensors" and reason != "type conversion op":
+                    skipped.append((label, reason))
+                stats["nodes_fp32"] += bool(float_in or float_out)
+                if node.op not in _TYPE_AGNOSTIC_INPUTS:
+                    for i, t in enumerate(node.inputs):
+                        if t.name in converted:
+                            node.inputs[i] = to_float(t)
+                continue
+            for i, t in enumerate(node.inputs):
+                if t.name and is_f32(t):
+                    node.inputs[i] = to_half(t)
+            for t in float_out:
+                t.dtype = np.float16
+                converted.add(t.name)
+            stats["nodes_fp16"] += 1
+        # Graph outputs keep their float32 type and name: the float16 tensor is renamed, a Cast
+        # produces the original name.
+        for i, t in enumerate(list(model.graph.outputs)):
+            if t.name in converted:
+                name = t.name
+                t.name = model.unique_name(name + "_fp16")
+                out = gs.Variable(name, dtype=np.float32, shape=t.shape)
+                new_nodes.append(gs.Node("Cast", model.unique_name(name + "_to_fp32"), attrs={"to": 1},
+                                         inputs=[t], outputs=[out]))
+                stats["casts_added"] += 1
+                model.graph.outputs[i] = out
+        model.graph.nodes.extend(new_nodes)
+        model.invalidate()
+        return PassResult(model, stats["nodes_fp16"] > 0, stats, skipped, warnings)
+
+
+def _value_infos(proto):
+    g = proto.graph
+    return list(g.input) + list(g.output) + list(g.value_info)
+
+
+def _outer_scope_names(model: Model) -> set[str]:
+    """Names of main-graph tensors read from inside If/Loop/Scan bodies."""
+    from onnxslim_kit.ir import all_graphs
+
+    names: set[str] = set()
+    for node in model.nodes:
+        for attr in node.attrs.values():
+            subs = [attr] if isinstance(attr, gs.Graph) else []
+            for sub in subs:
+                for g in all_graphs(sub):
+                    for n in g.nodes:
+                        names.update(t.name for t in n.inputs)
+    return names

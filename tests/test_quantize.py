@@ -169,3 +169,68 @@ def test_quantize_weights_option_errors():
         build_pass("quantize-weights", {"block_size": "24"})
     with pytest.raises(InputError, match="expected one of 4, 8, 2"):
         build_pass("quantize-weights", {"bits": "3"})
+
+
+# ---------------------------------------------------------------- fp16
+
+from builders import conv_bn_relu  # noqa: E402
+
+
+def _attention_block():
+    """LayerNorm -> MatMul -> Softmax -> MatMul with a residual Add: fp16 core, fp32 Softmax/LayerNorm."""
+    r = rng(5)
+    inits = [init("wq", (r.standard_normal((16, 16)) * 0.2).astype(np.float32)),
+             init("g", np.ones(16, np.float32)), init("b", np.zeros(16, np.float32)),
+             init("big", np.array([1e6], np.float32))]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["ln", "wq"], ["q"], name="proj"),
+             helper.make_node("Transpose", ["q"], ["kt"], name="tr", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+             helper.make_node("Div", ["scores", "big"], ["scaled"], name="div"),
+             helper.make_node("Softmax", ["scaled"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "q"], ["ctx"], name="pv"),
+             helper.make_node("Add", ["ctx", "x"], ["y"], name="residual"),
+             helper.make_node("Shape", ["y"], ["y_shape"], name="shape")]
+    return make_model(nodes, [("x", FLOAT, ["B", 6, 16])],
+                      [("y", FLOAT, None), ("y_shape", onnx.TensorProto.INT64, None)], inits)
+
+
+@pytest.mark.parametrize("builder, feeds", [
+    (conv_bn_relu, {"x": (2, 3, 8, 8)}),
+    (_attention_block, {"x": (2, 6, 16)}),
+])
+def test_fp16_converts_compute_and_keeps_float32_interface(builder, feeds):
+    proto = builder()
+    model, records = Pipeline.from_specs(["fp16"]).run(Model.from_proto(proto), PassContext())
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    rec = records[0]
+    assert rec.stats["nodes_fp16"] >= 3
+    assert [(i.name, i.type.tensor_type.elem_type) for i in out.graph.input] == \
+        [(i.name, i.type.tensor_type.elem_type) for i in proto.graph.input]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in out.graph.output] == \
+        [(o.name, o.type.tensor_type.elem_type) for o in proto.graph.output]
+    assert all(t.data_type != onnx.TensorProto.FLOAT or t.name in ("g", "b")
+               for t in out.graph.initializer)  # weights are float16 (LayerNorm's stay float32)
+    x = {k: rng(6).standard_normal(v).astype(np.float32) for k, v in feeds.items()}
+    ref, got = run_model(proto, x), run_model(out, x)
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.dtype == np.float32:
+            assert _cosine(a, b) > 0.9999
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_fp16_keeps_listed_ops_and_says_so():
+    model, records = Pipeline.from_specs(["fp16"]).run(Model.from_proto(_attention_block()), PassContext())
+    assert ("softmax", "kept in float32 by option") in records[0].skipped
+    assert ("ln", "kept in float32 by option") in records[0].skipped
+    ops = {n.name: n for n in model.to_proto().graph.node}
+    assert ops["softmax"].input[0].endswith("_fp32")  # fed by a cast back to float32
+
+
+def test_fp16_clips_out_of_range_constants_with_warning():
+    model, records = Pipeline.from_specs(["fp16"]).run(Model.from_proto(_attention_block()), PassContext())
+    assert records[0].stats["weights_clipped"] == 1
+    assert any("beyond +-65504" in w for w in records[0].warnings)
