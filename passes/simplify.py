@@ -336,16 +336,49 @@ class FuseReshape(Pass):
         if len(dynamic) != 1:
             return "" if len(dynamic) == 0 else "more than one dynamic dim in the target shape"
         var = concat.inputs[dynamic[0]]
-        if var.shape is None or list(var.shape) != [1]:
-            return "dynamic part of the target shape is not known to hold one value"
+        position = sum(int(np.asarray(p).size) for p in parts[:dynamic[0]])
         values = [int(v) for p in parts if p is not None for v in np.asarray(p).reshape(-1)]
-        if -1 in values:
-            return "target shape already has a -1"
+        copies = _copies_input_dim(model, var, reshape.inputs[0], position)
+        if not copies and (var.shape is None or list(var.shape) != [1]):
+            return "dynamic part of the target shape is not known to hold one value"
+        if copies:
+            fill = 0  # Reshape's 0 copies the same dim of its input: exactly the dynamic value
+        elif -1 in values:
+            return "target shape already has a -1 and the dynamic dim is not a copy of an input dim"
+        else:
+            fill = -1
         new = []
         for i, p in enumerate(parts):
-            new.extend([-1] if p is None else [int(v) for v in np.asarray(p).reshape(-1)])
+            new.extend([fill] if p is None else [int(v) for v in np.asarray(p).reshape(-1)])
         reshape.inputs[1] = _const(model, (reshape.name or "reshape") + "_shape", np.array(new, np.int64))
         return None
+
+
+def _copies_input_dim(model: Model, value: gs.Tensor, data: gs.Tensor, position: int) -> bool:
+    """True when ``value`` is Unsqueeze(Gather(Shape(data), position)) or Slice(Shape(data), position,
+    position+1): the dynamic entry of a target shape that repeats the input's own dim."""
+    node = model.producer(value)
+    if node is not None and node.op == "Unsqueeze":
+        axes = _ints_attr_or_input(model, node, "axes", 1)
+        if axes not in ([0], [-1]):
+            return False
+        node = model.producer(node.inputs[0])
+        if node is None or node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0:
+            return False
+        idx = model.constant_value(node.inputs[1])
+        if idx is None or np.asarray(idx).size != 1 or int(np.asarray(idx).reshape(-1)[0]) != position:
+            return False
+    elif node is not None and node.op == "Slice":
+        starts = model.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        ends = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+        if starts is None or ends is None or [int(v) for v in np.asarray(starts).reshape(-1)] != [position] \
+                or [int(v) for v in np.asarray(ends).reshape(-1)] != [position + 1] or len(node.inputs) > 4:
+            return False
+    else:
+        return False
+    shape = model.producer(node.inputs[0])
+    return shape is not None and shape.op == "Shape" and shape.inputs[0] is data and \
+        not shape.attrs.get("start") and shape.attrs.get("end") is None
 
 
 # ----------------------------------------------------------------------------------------------
