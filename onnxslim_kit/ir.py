@@ -581,3 +581,21 @@ def tensor_from_array(name: str, value: np.ndarray) -> gs.Constant:
 
 def numpy_from_tensor_proto(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (reports, recipes) via a temporary file in the same folder + rename."""
+    dest = Path(path).resolve()
+    if not dest.parent.is_dir():
+        raise InputError(f"{path}: folder {dest.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

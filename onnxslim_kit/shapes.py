@@ -51,8 +51,12 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True) -> onnx.ModelProto:
-    """Return ``model`` with ``value_info`` filled in by onnx shape inference (weights untouched)."""
+def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
+                 outputs: bool = False) -> onnx.ModelProto:
+    """Return ``model`` with ``value_info`` filled in by onnx shape inference (weights untouched).
+
+    Declared graph-output types are kept unless ``outputs`` is true (then the inferred ones replace
+    them: declarations can be wrong, FIELD-NOTES 5)."""
     light = _light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=strict,
@@ -69,6 +73,9 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
     for vi in inferred.graph.value_info:
         if vi.name not in known:
             out.graph.value_info.append(vi)
+    if outputs:
+        del out.graph.output[:]
+        out.graph.output.extend(inferred.graph.output)
     return out
 
 

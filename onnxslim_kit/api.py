@@ -1,0 +1,160 @@
+"""Python API mirroring the CLI: ``optimize``, ``inspect``, ``compare``.
+
+    import onnxslim_kit
+    model, report = onnxslim_kit.optimize("model.onnx", passes=["cleanup"], output="slim.onnx")
+    print(report.parity.summary())
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import onnx
+
+from .calibration import CalibrationData, input_specs, load_calibration
+from .errors import InputError, ParityError
+from .ir import Model, load_proto, save_proto
+from .metrics import ModelStats, disk_bytes, model_stats
+from .parity import ParityChecker, ParityReport
+from .pass_base import PassContext, Tolerance
+from .pipeline import Pipeline
+from .report import Report
+from .shapes import parse_input_shape
+
+logger = logging.getLogger(__name__)
+
+CHECK_MODES = ("end", "per-pass", "off")
+Progress = Callable[[Iterable, str], Iterable]
+
+
+def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[str, onnx.ModelProto, int | None]:
+    if isinstance(model, onnx.ModelProto):
+        return "<memory>", model, None
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        return path, load_proto(path), disk_bytes(path)
+    raise InputError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def _shapes(input_shapes) -> dict[str, list[int]]:
+    """Accept {'name': [dims]} or ['name:1,3,224,224', ...]."""
+    if not input_shapes:
+        return {}
+    if isinstance(input_shapes, dict):
+        return {str(k): [int(d) for d in v] for k, v in input_shapes.items()}
+    out = {}
+    for spec in input_shapes:
+        name, dims = parse_input_shape(spec)
+        out[name] = dims
+    return out
+
+
+def _tolerance(base: Tolerance, tolerance: Tolerance | dict[str, float] | None) -> Tolerance:
+    if tolerance is None:
+        return base
+    if isinstance(tolerance, Tolerance):
+        return tolerance
+    try:
+        return base.override(**tolerance)
+    except ValueError as exc:
+        raise InputError(f"--tolerance: {exc}") from None
+
+
+def _data(proto: onnx.ModelProto, calibration, shapes, *, num_samples: int, seed: int,
+          batch_size: int | None) -> CalibrationData:
+    specs = input_specs(proto, shapes)
+    return load_calibration(calibration, specs, num_samples=num_samples, seed=seed, batch_size=batch_size)
+
+
+def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, recipe: str | os.PathLike | None = None,
+             calibration: Any = None, input_shapes: Any = None,
+             tolerance: Tolerance | dict[str, float] | None = None, check: str = "end", locate: bool = False,
+             output: str | os.PathLike | None = None, seed: int = 0, num_samples: int = 8,
+             batch_size: int | None = None, progress: Progress | None = None, overwrite: bool = False
+             ) -> tuple[onnx.ModelProto, Report]:
+    """Run a pipeline on ``model``, check parity against the original, and optionally write the result.
+
+    ``passes``: None (the default pipeline, ``cleanup``), a list of specs such as
+    ``"quantize-weights:bits=4"`` or Pass objects, or a Pipeline; ``recipe``: a TOML recipe instead.
+    ``calibration``: .npz path, folder, dict of arrays, iterable of feed dicts, or None (seeded random
+    data). ``input_shapes`` pins dynamic dims for calibration, parity and MACs; the written model keeps
+    its own (dynamic) input declarations. ``tolerance`` overrides the pipeline's bound (keys atol, rtol,
+    cosine, snr, top1). ``check``: 'end' (default), 'per-pass' (a pass that breaks its own tolerance is
+    rolled back) or 'off'. Raises :class:`ParityError` (nothing written) when the final check fails.
+    """
+    start = time.perf_counter()
+    if check not in CHECK_MODES:
+        raise InputError(f"--check {check!r}: expected one of {', '.join(CHECK_MODES)}")
+    if passes is not None and recipe is not None:
+        raise InputError("give passes or a recipe, not both")
+    pipeline = Pipeline.from_recipe(recipe) if recipe is not None else Pipeline.coerce(passes)
+    label, proto, source_bytes = _load(model)
+    if output is not None:
+        out_path = Path(output).resolve()
+        if label != "<memory>" and out_path == Path(label).resolve() and not overwrite:
+            raise InputError(f"{output}: output would overwrite the input model (pass --overwrite to allow)")
+        if not out_path.parent.is_dir():
+            raise InputError(f"{output}: output folder {out_path.parent} does not exist")
+    shapes = _shapes(input_shapes)
+    data = _data(proto, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
+    ctx = PassContext(calibration=data, calibration_is_random=data.is_random, input_shapes=shapes, seed=seed,
+                      reference=proto, progress=progress)
+    before = model_stats(proto, shapes, file_bytes=source_bytes)
+    checker = ParityChecker(proto, data, progress=progress) if check != "off" else None
+    overrides = None
+    if isinstance(tolerance, dict):
+        overrides = dict(tolerance)
+        _tolerance(Tolerance(), overrides)  # validate keys before running anything
+    working = Model.from_proto(proto, source=label)
+    per_pass = check == "per-pass"
+    result, records = pipeline.run(
+        working, ctx, per_pass=per_pass, tolerance_override=overrides,
+        checker=(lambda m, tol: checker.check(m.to_proto(), tol)) if per_pass else None)
+    out_proto = result.to_proto()
+    final_tol = _tolerance(pipeline.tolerance, tolerance)
+    parity = checker.check(out_proto, final_tol) if checker is not None else None
+    found = None
+    if parity is not None and not parity.ok and locate:
+        found = checker.locate(out_proto, final_tol)
+    after = model_stats(out_proto, shapes)
+    warnings = list(ctx.warnings)
+    for rec in records:
+        warnings.extend(rec.warnings)
+    if data.is_random and check != "off":
+        warnings.append("parity was checked on seeded random inputs; pass --calib for real data")
+    report = Report(source=label, output=os.fspath(output) if output is not None else None, before=before,
+                    after=after, passes=records, parity=parity, locate=found, tolerance=final_tol, check=check,
+                    calibration_source=data.source, calibration_is_random=data.is_random, warnings=warnings)
+    if parity is not None and not parity.ok:
+        report.seconds = time.perf_counter() - start
+        failing = "; ".join(parity.failures()) or (parity.error or "unknown")
+        raise ParityError(f"{label}: parity check failed ({failing}); nothing written", report=report)
+    if output is not None:
+        save_proto(out_proto, output)
+        report.written = True
+        report.after.bytes = disk_bytes(output)
+    report.seconds = time.perf_counter() - start
+    return out_proto, report
+
+
+def inspect(model: str | os.PathLike | onnx.ModelProto, *, input_shapes: Any = None) -> ModelStats:
+    label, proto, size = _load(model)
+    return model_stats(proto, _shapes(input_shapes), file_bytes=size)
+
+
+def compare(a: str | os.PathLike | onnx.ModelProto, b: str | os.PathLike | onnx.ModelProto, *,
+            calibration: Any = None, input_shapes: Any = None,
+            tolerance: Tolerance | dict[str, float] | None = None, seed: int = 0, num_samples: int = 8,
+            batch_size: int | None = None, progress: Progress | None = None) -> ParityReport:
+    """Parity of model ``b`` against reference ``a`` on the same inputs (exact tolerance by default)."""
+    _, ref, _ = _load(a)
+    _, cand, _ = _load(b)
+    shapes = _shapes(input_shapes)
+    data = _data(ref, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
+    from .pass_base import EXACT
+
+    return ParityChecker(ref, data, progress=progress).check(cand, _tolerance(EXACT, tolerance))

@@ -1,0 +1,165 @@
+"""Model metrics: parameters, MACs per node and in total, bytes on disk, op histogram.
+
+MACs need shapes. Dynamic dims are resolved from pinned input shapes (``--input-shape``); dims
+still unknown take the defaults of random calibration data (batch 1, other symbolic dims 16), and
+nodes whose MACs could not be computed are listed in ``unresolved``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from . import runtime
+from .calibration import DEFAULT_BATCH, DEFAULT_SYMBOLIC_DIM
+from .ir import iter_model_tensors, load_proto
+from .shapes import infer_shapes, input_dims, pin_input_shapes
+
+
+@dataclass
+class ModelStats:
+    nodes: int
+    op_histogram: dict[str, int]
+    params: int
+    macs: int
+    macs_per_node: dict[str, int]
+    bytes: int
+    opset: int
+    inputs: dict[str, list] = field(default_factory=dict)
+    outputs: dict[str, list] = field(default_factory=dict)
+    unresolved: list[str] = field(default_factory=list)
+    assumed_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _default_dims(dims: list) -> list[int]:
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(DEFAULT_BATCH if i == 0 else DEFAULT_SYMBOLIC_DIM)
+    return out
+
+
+def _tensor_elems(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every weight: initializers (overridable ones included), Constant-node values and
+    subgraph constants."""
+    return sum(_tensor_elems(t) for t in iter_model_tensors(model))
+
+
+def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,
+                *, file_bytes: int | None = None) -> ModelStats:
+    if not isinstance(model, onnx.ModelProto):
+        path = os.fspath(model)
+        model = load_proto(path)
+        file_bytes = disk_bytes(path)
+    if file_bytes is None:
+        estimate = runtime.model_bytes_estimate(model)
+        file_bytes = model.ByteSize() if estimate < runtime.PROTO_LIMIT else estimate
+    init_names = {t.name for t in model.graph.initializer}
+    real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    pinned = dict(input_shapes or {})
+    assumed = {}
+    for vi in real_inputs:
+        dims = input_dims(vi)
+        if vi.name not in pinned and dims and not all(isinstance(d, int) for d in dims):
+            assumed[vi.name] = _default_dims(dims)
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(pin_input_shapes(model, {**assumed, **pinned}) if (assumed or pinned) else model)
+    for out in shaped.graph.output:  # declared output shapes may be symbolic or wrong: infer them
+        out.type.tensor_type.ClearField("shape")
+    inferred = infer_shapes(shaped, outputs=True)
+    shapes: dict[str, list] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        shapes[vi.name] = input_dims(vi)
+    for t in inferred.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = list(a.t.dims)
+    macs_per_node: dict[str, int] = {}
+    unresolved: list[str] = []
+    for i, node in enumerate(inferred.graph.node):
+        macs = node_macs(node, shapes)
+        name = node.name or f"{node.op_type}_{i}"
+        if macs is None:
+            unresolved.append(name)
+        elif macs:
+            macs_per_node[name] = macs
+    hist = collections.Counter(n.op_type for n in model.graph.node)
+    return ModelStats(
+        nodes=len(model.graph.node),
+        op_histogram=dict(sorted(hist.items())),
+        params=count_params(model),
+        macs=int(sum(macs_per_node.values())),
+        macs_per_node=macs_per_node,
+        bytes=int(file_bytes),
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
+        inputs={vi.name: input_dims(vi) for vi in real_inputs},
+        outputs={vi.name: input_dims(vi) for vi in model.graph.output},
+        unresolved=unresolved,
+        assumed_shapes=assumed,
+    )
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Bytes a saved model occupies: the .onnx file plus the external-data files it references."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    header = onnx.load_model(path, load_external_data=False)
+    locations = {e.value for t in iter_model_tensors(header) for e in t.external_data if e.key == "location"}
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
+                                       if os.path.isfile(os.path.join(folder, loc)))
+
+
+def _known(dims) -> bool:
+    return dims is not None and len(dims) > 0 and all(isinstance(d, int) for d in dims)
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
+    """Multiply-accumulates of one node; 0 for ops that are not counted; None when shapes are unknown."""
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):
+        w_index = 3 if op == "QLinearConv" else 1
+        out = shapes.get(node.output[0])
+        w = shapes.get(node.input[w_index]) if len(node.input) > w_index else None
+        inp = shapes.get(node.input[0])
+        if not (_known(out) and _known(w)):
+            return None
+        if op == "ConvTranspose":
+            if not _known(inp):
+                return None
+            # every input element is multiplied by C_out/group * prod(kernel) weights
+            return int(np.prod(inp) * w[1] * np.prod(w[2:]))
+        # out: [N, C_out, spatial...]; each output element costs C_in/group * prod(kernel)
+        return int(np.prod(out) * w[1] * np.prod(w[2:]))
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul",
+              "MatMulIntegerToFloat"):
+        a = shapes.get(node.input[0])
+        out = shapes.get(node.output[0])
+        if not (_known(a) and _known(out)):
+            return None
+        k = a[-1]
+        return int(np.prod(out) * k)
+    if op == "Gemm":
+        a = shapes.get(node.input[0])
+        out = shapes.get(node.output[0])
+        if not (_known(a) and _known(out)):
+            return None
+        trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+        k = a[0] if trans_a else a[-1]
+        return int(np.prod(out) * k)
+    return 0
