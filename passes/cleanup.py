@@ -38,6 +38,10 @@ NEVER_FOLD = {
 }
 
 
+# Ops that build large tensors from tiny inputs.
+_EXPANDING = {"ConstantOfShape", "Expand", "Tile", "Range", "EyeLike"}
+
+
 def _label(node: gs.Node) -> str:
     return node.name or f"<{node.op}>"
 
@@ -86,14 +90,18 @@ class FoldConstants(Pass):
 
     Options:
         max_bytes: do not fold a node whose outputs would exceed this many bytes
+        max_expand_bytes: do not fold ConstantOfShape/Expand/Tile/Range results above this many bytes
+            (they are built from a few bytes; storing them grows the file)
         fold_shapes: fold Shape/Size (and Gather on a Shape) where the dims involved are static
     """
 
     name = "fold-constants"
     summary = "constant folding (size-limited; never Q/DQ or random ops) and static Shape folding"
 
-    def __init__(self, *, max_bytes: int = 4 * 1024 * 1024, fold_shapes: bool = True):
+    def __init__(self, *, max_bytes: int = 4 * 1024 * 1024, max_expand_bytes: int = 64 * 1024,
+                 fold_shapes: bool = True):
         self.max_bytes = max_bytes
+        self.max_expand_bytes = max_expand_bytes
         self.fold_shapes = fold_shapes
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -132,6 +140,10 @@ class FoldConstants(Pass):
             size = sum(v.nbytes for v in values)
             if size > self.max_bytes:
                 skipped.append((_label(node), f"result is {size} bytes > max_bytes={self.max_bytes}"))
+                continue
+            if node.op in _EXPANDING and size > self.max_expand_bytes:
+                skipped.append((_label(node), f"{node.op} would store {size} bytes built from a few "
+                                              f"(max_expand_bytes={self.max_expand_bytes}): kept to keep the file small"))
                 continue
             if self._replace(model, node, values, skipped):
                 doomed.append(node)
@@ -508,6 +520,25 @@ class EliminateDead(Pass):
 
 
 # ----------------------------------------------------------------------------------------------
+# freeze-initializer-inputs
+# ----------------------------------------------------------------------------------------------
+
+@register_pass
+class FreezeInitializerInputs(Pass):
+    """Treat initializers that are also graph inputs (IR < 4 exports) as constants and drop them from
+    the inputs. This changes the model's interface, so it only runs when asked for (FIELD-NOTES 8)."""
+
+    name = "freeze-initializer-inputs"
+    summary = "initializers listed as graph inputs become plain constants (changes the inputs; opt-in)"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        names = list(model.meta.initializer_inputs)
+        model.meta.initializer_inputs = []
+        model.meta.input_order = [n for n in model.meta.input_order if n not in set(names)]
+        return PassResult(model, bool(names), {"inputs_frozen": len(names)}, [])
+
+
+# ----------------------------------------------------------------------------------------------
 # cleanup: the default pipeline
 # ----------------------------------------------------------------------------------------------
 
@@ -528,6 +559,7 @@ class Cleanup(Pass):
         cse: common-subexpression elimination
         merge_initializers: duplicate weight merging
         max_bytes: constant-folding size limit per node (bytes)
+        max_expand_bytes: size limit for folding ConstantOfShape/Expand/Tile/Range results (bytes)
         max_rounds: stop after this many rounds even if something still changes
     """
 
@@ -536,10 +568,10 @@ class Cleanup(Pass):
 
     def __init__(self, *, fold_constants: bool = True, remove_identity: bool = True, fold_batchnorm: bool = True,
                  fuse: bool = True, cse: bool = True, merge_initializers: bool = True,
-                 max_bytes: int = 4 * 1024 * 1024, max_rounds: int = 8):
+                 max_bytes: int = 4 * 1024 * 1024, max_expand_bytes: int = 64 * 1024, max_rounds: int = 8):
         self.fold_constants, self.remove_identity, self.fold_batchnorm = fold_constants, remove_identity, fold_batchnorm
         self.fuse, self.cse, self.merge_initializers = fuse, cse, merge_initializers
-        self.max_bytes, self.max_rounds = max_bytes, max_rounds
+        self.max_bytes, self.max_expand_bytes, self.max_rounds = max_bytes, max_expand_bytes, max_rounds
 
     def steps(self) -> list[Pass]:
         enabled = {"fold-constants": self.fold_constants, "remove-identity": self.remove_identity,
@@ -549,7 +581,8 @@ class Cleanup(Pass):
         for name in CLEANUP_STEPS:
             if enabled.get(name, self.fuse if name.startswith("fuse-") else True):
                 cls = get_pass(name)
-                out.append(cls(max_bytes=self.max_bytes) if name == "fold-constants" else cls())
+                out.append(cls(max_bytes=self.max_bytes, max_expand_bytes=self.max_expand_bytes)
+                           if name == "fold-constants" else cls())
         return out
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

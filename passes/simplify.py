@@ -108,15 +108,15 @@ class FuseConvAffine(Pass):
         weight = model.constant_value(conv.inputs[1])
         if weight is None:
             return f"{nxt.op} after {conv.op}: weight is not constant"
-        if len(model.consumers(conv.inputs[1])) > 1:
+        if nxt.op == "Mul" and len(model.consumers(conv.inputs[1])) > 1:
+            # Scaling would need a private copy of a tied weight: keep the tying (and the file size).
             return f"{nxt.op} after {conv.op}: weight is shared with another node"
         bias = None
         if len(conv.inputs) > 2 and conv.inputs[2].name:
             bias = model.constant_value(conv.inputs[2])
             if bias is None:
                 return f"{nxt.op} after {conv.op}: bias is not constant"
-            if len(model.consumers(conv.inputs[2])) > 1:
-                return f"{nxt.op} after {conv.op}: bias is shared with another node"
+        # A shared bias is fine: the fused bias is a new tensor, the other users keep the old one.
         group = int(conv.attrs.get("group", 1))
         out_channels = weight.shape[0] if conv.op == "Conv" else weight.shape[1] * group
         per_channel = _per_channel(factor, out_channels, weight.ndim)

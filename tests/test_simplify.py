@@ -232,3 +232,12 @@ def test_fuse_concat_keeps_inner_with_other_axis():
     proto = make_model(nodes, [("a", FLOAT, [1, 2]), ("b", FLOAT, [2, 2])], [("y", FLOAT, None)])
     out, rec = _run(proto, "fuse-concat")
     assert not rec.modified and len(out.graph.node) == 2
+
+
+def test_fuse_conv_affine_add_with_shared_bias_keeps_other_user_intact():
+    proto = _conv_then("Add", (rng(2).standard_normal((6, 1, 1))).astype(np.float32))
+    proto.graph.node.append(helper.make_node("Mul", ["b", "b"], ["b_user"], name="other"))
+    proto.graph.output.append(helper.make_tensor_value_info("b_user", FLOAT, [6]))
+    out, rec = _run(proto, "fuse-conv-affine")
+    assert rec.stats["affine_fused"] == 1
+    assert_parity(proto, out, {"x": _x((2, 4, 5, 5))})
