@@ -101,7 +101,7 @@ def check_opset(model: onnx.ModelProto, label: str) -> None:
     opset = default_opset(model)
     newest = min(onnx.defs.onnx_opset_version(), runtime.max_opset())
     if opset is None:
-        raise InputError(f"{label}: model declares no default-domain opset")
+        return  # e.g. a model of ai.onnx.ml ops only
     if opset < MIN_OPSET or opset > newest:
         raise InputError(f"{label}: unsupported opset {opset} (supported: {MIN_OPSET}-{newest} with the "
                          f"installed onnx {onnx.__version__} / onnxruntime)")
@@ -164,6 +164,11 @@ class ModelMeta:
     # overridable inputs with a default: graphsurgeon drops them from the inputs, so export restores
     # them and constant_value() does not treat them as constants (FIELD-NOTES 8).
     node_doc_strings: dict[str, str] = field(default_factory=dict)  # graphsurgeon drops them
+    # Non-tensor value types (optional, sequence, map) by value name: graphsurgeon cannot export
+    # optional types and flattens nested ones, so export restores them from here.
+    special_types: dict[str, bytes] = field(default_factory=dict)
+    # TYPE_PROTO attributes (Optional's 'type'), which graphsurgeon drops, by node name.
+    type_attrs: dict[str, list[bytes]] = field(default_factory=dict)
     input_order: list[str] = field(default_factory=list)
     initializer_inputs: list[str] = field(default_factory=list)
     source: str = "<memory>"
@@ -180,6 +185,7 @@ class ModelMeta:
             metadata_props=[(p.key, p.value) for p in proto.metadata_props],
             opset_imports={imp.domain: imp.version for imp in proto.opset_import},
             node_doc_strings={n.name: n.doc_string for n in proto.graph.node if n.name and n.doc_string},
+            special_types=_special_types(proto.graph),
             input_order=[i.name for i in proto.graph.input],
             initializer_inputs=[i.name for i in proto.graph.input
                                 if i.name in {t.name for t in proto.graph.initializer}],
@@ -208,13 +214,16 @@ class Model:
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>") -> "Model":
-        if default_opset(proto) is None:
-            raise InputError(f"{source}: model declares no default-domain opset")
+        type_attrs = _collect_type_attrs(proto)
+        if type_attrs:
+            proto, type_attrs = type_attrs
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:  # noqa: BLE001 - graphsurgeon raises many types on malformed graphs
             raise InputError(f"{source}: cannot import graph ({type(exc).__name__}: {exc})") from exc
-        return cls(graph, ModelMeta.from_proto(proto, source))
+        meta = ModelMeta.from_proto(proto, source)
+        meta.type_attrs = type_attrs or {}
+        return cls(graph, meta)
 
     def copy(self) -> "Model":
         """Structural copy. Numpy buffers are shared: passes must never modify weights in place."""
@@ -374,7 +383,32 @@ class Model:
     def to_proto(self, *, value_info: str = "infer") -> onnx.ModelProto:
         """Export. ``value_info``: 'keep' graphsurgeon's shapes, 'drop' intermediate annotations, or
         'infer' (drop, then recompute with onnx shape inference; stale annotations break tools)."""
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        patched = []
+        for graph in _all_graphs(self.graph):
+            _pack_string_constants(graph)
+            if not self.meta.special_types:
+                continue
+            for t in graph.tensors(check_duplicates=False).values():
+                if isinstance(t, gs.Variable) and (
+                        getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")
+                        or isinstance(t.dtype, onnx.TypeProto)):
+                    patched.append((t, t.type, t.dtype))
+                    t.type, t.dtype = "tensor_type", None  # placeholder; the real type is restored below
+        try:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for t, kind, dtype in patched:
+                t.type, t.dtype = kind, dtype
+        if self.meta.special_types:
+            _restore_special_types(proto.graph, self.meta.special_types)
+        if self.meta.type_attrs:
+            for g in _graph_protos(proto.graph):
+                for node in g.node:
+                    for blob in self.meta.type_attrs.get(node.name, []):
+                        attr = onnx.AttributeProto()
+                        attr.ParseFromString(blob)
+                        if all(a.name != attr.name for a in node.attribute):
+                            node.attribute.append(attr)
         meta = self.meta
         proto.producer_name = meta.producer_name
         proto.producer_version = meta.producer_version
@@ -396,6 +430,11 @@ class Model:
             if node.domain not in present and node.domain not in ("", "ai.onnx"):
                 proto.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
                 present.add(node.domain)
+        if "" not in meta.opset_imports and "ai.onnx" not in meta.opset_imports and \
+                not any((n.domain or "") in ("", "ai.onnx") for g in _graph_protos(proto.graph) for n in g.node):
+            kept = [o for o in proto.opset_import if o.domain not in ("", "ai.onnx")]
+            del proto.opset_import[:]
+            proto.opset_import.extend(kept)
         _restore_initializer_inputs(proto, meta)
         if meta.node_doc_strings:
             for node in proto.graph.node:
@@ -444,6 +483,72 @@ def _all_graphs(graph: gs.Graph):
 
 
 all_graphs = _all_graphs
+
+
+def _pack_string_constants(graph: gs.Graph) -> None:
+    """graphsurgeon writes every constant as raw bytes, which string tensors cannot be: hand it the
+    onnx TensorProto instead (for initializers and tensor attributes)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    def pack(c):
+        if isinstance(c, gs.Constant) and not isinstance(c._values, LazyValues):
+            values = np.asarray(c.values)
+            if values.dtype.kind in "OSU":
+                c._values = LazyValues(numpy_helper.from_array(values, c.name))
+
+    for t in graph.tensors(check_duplicates=False).values():
+        pack(t)
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            pack(value)
+
+
+def _graph_protos(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graph_protos(g)
+
+
+def _collect_type_attrs(proto: onnx.ModelProto):
+    """(copy of proto with such nodes named, {node name: [attribute bytes]}) or None when none exist."""
+    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+    if not any(a.type in kinds for g in _graph_protos(proto.graph) for n in g.node for a in n.attribute):
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    found: dict[str, list[bytes]] = {}
+    counter = 0
+    for g in _graph_protos(copy.graph):
+        for node in g.node:
+            attrs = [a for a in node.attribute if a.type in kinds]
+            if not attrs:
+                continue
+            if not node.name:
+                counter += 1
+                node.name = f"{node.op_type}_typed_{counter}"
+            found[node.name] = [a.SerializeToString() for a in attrs]
+    return copy, found
+
+
+def _special_types(graph: onnx.GraphProto) -> dict[str, bytes]:
+    out = {}
+    for g in _graph_protos(graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.WhichOneof("value") not in (None, "tensor_type"):
+                out[vi.name] = vi.type.SerializeToString()
+    return out
+
+
+def _restore_special_types(graph: onnx.GraphProto, types: dict[str, bytes]) -> None:
+    for g in _graph_protos(graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.name in types:
+                vi.type.ParseFromString(types[vi.name])
 
 
 def _restore_initializer_inputs(proto: onnx.ModelProto, meta: ModelMeta) -> None:
