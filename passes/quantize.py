@@ -446,7 +446,7 @@ class Fp16(Pass):
                     stats["weights_clipped"] += 1
                     warnings.append(f"fp16: constant '{t.name}' has values beyond +-65504, clipped")
                 with np.errstate(over="ignore"):
-                    h = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16)
+                    h = np.asarray(np.clip(value, -FP16_MAX, FP16_MAX), dtype=np.float16)
                 new = gs.Constant(model.unique_name(t.name + "_fp16"), h)
                 stats["weights_converted"] += 1
             else:
