@@ -52,8 +52,8 @@ def test_readme_cli_examples_run(in_checkout_copy):
         args = shlex.split(cmd)[1:]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, f"{cmd}\n{result.output}"
-    assert (in_checkout_copy / "resnet_tiny.slim.onnx").exists()
-    assert (in_checkout_copy / "resnet_tiny.report.json").exists()
+    assert (in_checkout_copy / "bert_tiny.slim.onnx").exists()
+    assert (in_checkout_copy / "bert_tiny.report.json").exists()
     assert (in_checkout_copy / "bert_int4.onnx").exists()
 
 
