@@ -44,21 +44,17 @@ MIN_OPSET = 1
 def _iter_graph_tensors(graph: onnx.GraphProto):
     """Every TensorProto in a graph: initializers, sparse initializers, Constant/attribute tensors,
     recursively through subgraphs."""
-    yield from graph.initializer
-    for sp in graph.sparse_initializer:
-        yield sp.values
-        yield sp.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graph_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_graph_tensors(g)
+    for g in _graph_protos(graph):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
 
 
 def iter_model_tensors(model: onnx.ModelProto):
@@ -292,6 +288,20 @@ class Model:
 
     def is_constant(self, tensor: gs.Tensor) -> bool:
         return self.constant_value(tensor) is not None
+
+    def outer_scope_names(self) -> set[str]:
+        """Names of main-graph values read from inside If/Loop/Scan bodies: passes must keep their
+        names, producers and types."""
+        names: set[str] = set()
+        for node in self.graph.nodes:
+            for attr in node.attrs.values():
+                subs = [attr] if isinstance(attr, gs.Graph) else \
+                    [a for a in attr if isinstance(a, gs.Graph)] if isinstance(attr, (list, tuple)) else []
+                for sub in subs:
+                    for g in _all_graphs(sub):
+                        for n in g.nodes:
+                            names.update(t.name for t in n.inputs)
+        return names
 
     # -- names -----------------------------------------------------------------------------------
     def unique_name(self, prefix: str) -> str:

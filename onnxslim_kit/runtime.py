@@ -64,27 +64,16 @@ def max_opset() -> int:
 
 def model_bytes_estimate(model: onnx.ModelProto) -> int:
     """Serialized size without serializing (which fails above 2 GB): sum of tensor payloads + graph."""
+    from .ir import iter_model_tensors  # ir imports this module
+
     total = 0
-    for init in _all_tensors(model.graph):
+    for init in iter_model_tensors(model):
         if init.HasField("raw_data"):
             total += len(init.raw_data)
         else:
             total += 8 * (len(init.float_data) + len(init.int64_data) + len(init.double_data)
                           + len(init.int32_data) + len(init.uint64_data))
     return total + 64 * len(model.graph.node)
-
-
-def _all_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_tensors(g)
 
 
 def session_options(*, optimize: bool = True, threads: int | None = None,

@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxslim_kit.ir import Model, all_graphs
+from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult
 from onnxslim_kit.registry import get_pass, register_pass
 
@@ -49,20 +49,6 @@ def _label(node: gs.Node) -> str:
 def _has_subgraph(node: gs.Node) -> bool:
     return any(isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
                for a in node.attrs.values())
-
-
-def _outer_scope_names(model: Model) -> set[str]:
-    """Main-graph tensor names read from inside subgraphs: they must keep their name and producer."""
-    names: set[str] = set()
-    for node in model.nodes:
-        for attr in node.attrs.values():
-            subs = [attr] if isinstance(attr, gs.Graph) else \
-                [a for a in attr if isinstance(a, gs.Graph)] if isinstance(attr, (list, tuple)) else []
-            for sub in subs:
-                for g in all_graphs(sub):
-                    for n in g.nodes:
-                        names.update(t.name for t in n.inputs)
-    return names
 
 
 def _static_shapes(model: Model) -> dict[str, list[int | None]]:
@@ -108,7 +94,7 @@ class FoldConstants(Pass):
         skipped: list[tuple[str, str]] = []
         stats = {"constants_folded": 0, "shapes_folded": 0, "constant_nodes_to_initializers": 0}
         shapes = _static_shapes(model) if self.fold_shapes else {}
-        outer = _outer_scope_names(model)
+        outer = model.outer_scope_names()
         doomed: list[gs.Node] = []
         for node in list(model.nodes):
             if any(t.name in outer for t in node.outputs):
@@ -443,7 +429,7 @@ class CommonSubexpressions(Pass):
         skipped: list[tuple[str, str]] = []
         seen: dict[Any, gs.Node] = {}
         doomed: list[gs.Node] = []
-        outer = _outer_scope_names(model)
+        outer = model.outer_scope_names()
         for node in model.nodes:
             if node.op in _NONDETERMINISTIC or _has_subgraph(node) or not node.outputs:
                 continue

@@ -77,6 +77,27 @@ def _match_weight(model: Model, node: gs.Node):
 
 
 
+def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipped: list):
+    """MatMul/Gemm nodes with a constant float32 2-D weight: yields (node, weight tensor, weight as
+    [K, N], bias tensor or None); every node left alone goes into ``skipped`` with its reason."""
+    for node in list(model.nodes):
+        if node.op not in op_types:
+            continue
+        label = node.name or f"<{node.op}>"
+        if node.name in exclude:
+            skipped.append((label, "excluded by option"))
+            continue
+        plan = _match_weight(model, node)
+        if isinstance(plan, str):
+            skipped.append((label, plan))
+            continue
+        weight_t, weight, bias_t = plan
+        if weight.size < min_elements:
+            skipped.append((label, f"weight has {weight.size} elements < min_elements={min_elements}"))
+            continue
+        yield node, weight_t, weight, bias_t
+
+
 @register_pass
 class QuantizeDynamic(Pass):
     """Dynamic int8: int8 weights, uint8 activations quantized at run time (MatMul and Gemm).
@@ -117,21 +138,8 @@ class QuantizeDynamic(Pass):
         cache: dict[int, tuple[gs.Constant, gs.Constant, np.ndarray]] = {}
         done = 0
         weight_bytes_before = weight_bytes_after = 0
-        for node in list(model.nodes):
-            if node.op not in self.op_types:
-                continue
-            label = node.name or f"<{node.op}>"
-            if node.name in self.exclude:
-                skipped.append((label, "excluded by option"))
-                continue
-            plan = _match_weight(model, node)
-            if isinstance(plan, str):
-                skipped.append((label, plan))
-                continue
-            weight_t, weight, bias_t = plan
-            if weight.size < self.min_elements:
-                skipped.append((label, f"weight has {weight.size} elements < min_elements={self.min_elements}"))
-                continue
+        for node, weight_t, weight, bias_t in _weight_candidates(model, self.op_types, self.exclude,
+                                                                self.min_elements, skipped):
             key = id(weight_t) if node.op == "MatMul" or not node.attrs.get("transB", 0) else -id(weight_t)
             if key not in cache:
                 q, scale = quantize_weight_symmetric(weight, axis=1 if self.per_channel else None,
@@ -281,21 +289,9 @@ class QuantizeWeights(Pass):
         if fmt == "matmulnbits":
             warnings.append("quantize-weights: using com.microsoft.MatMulNBits (runs in onnxruntime only); "
                             "opset >= 21 models get standard DequantizeLinear")
-        for node in list(model.nodes):
-            if node.op not in ("MatMul", "Gemm"):
-                continue
+        for node, weight_t, weight, bias_t in _weight_candidates(model, ("MatMul", "Gemm"), self.exclude,
+                                                                self.min_elements, skipped):
             label = node.name or f"<{node.op}>"
-            if node.name in self.exclude:
-                skipped.append((label, "excluded by option"))
-                continue
-            plan = _match_weight(model, node)
-            if isinstance(plan, str):
-                skipped.append((label, plan))
-                continue
-            weight_t, weight, bias_t = plan
-            if weight.size < self.min_elements:
-                skipped.append((label, f"weight has {weight.size} elements < min_elements={self.min_elements}"))
-                continue
             k, n = weight.shape
             if fmt == "matmulnbits" and k % self.block_size:
                 skipped.append((label, f"K={k} is not a multiple of block_size={self.block_size}"))
@@ -425,7 +421,7 @@ class Fp16(Pass):
                 return model.constant_value(t).dtype == np.float32
             return types.get(t.name) == f32 or (t.dtype is not None and np.dtype(t.dtype) == np.float32)
 
-        outer = _outer_scope_names(model)
+        outer = model.outer_scope_names()
         skipped: list[tuple[str, str]] = []
         warnings: list[str] = []
         half: dict[str, gs.Tensor] = {}      # float32 tensor name -> its float16 version
@@ -524,18 +520,3 @@ class Fp16(Pass):
 def _value_infos(proto):
     g = proto.graph
     return list(g.input) + list(g.output) + list(g.value_info)
-
-
-def _outer_scope_names(model: Model) -> set[str]:
-    """Names of main-graph tensors read from inside If/Loop/Scan bodies."""
-    from onnxslim_kit.ir import all_graphs
-
-    names: set[str] = set()
-    for node in model.nodes:
-        for attr in node.attrs.values():
-            subs = [attr] if isinstance(attr, gs.Graph) else []
-            for sub in subs:
-                for g in all_graphs(sub):
-                    for n in g.nodes:
-                        names.update(t.name for t in n.inputs)
-    return names

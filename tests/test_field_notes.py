@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 import onnxslim_kit
 from builders import FLOAT, assert_parity, init, make_model, rng, run_model
