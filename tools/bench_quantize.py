@@ -1,0 +1,135 @@
+"""Side by side: onnxslim-kit's weight quantization passes vs onnxruntime.quantization, same model, same data.
+
+    python tools/bench_quantize.py [--model models/bert_tiny.onnx] [--runs 30] [--rounds 5]
+
+Variants: fp32; ours `quantize-dynamic` vs onnxruntime `quantize_dynamic(per_channel=True)`; ours
+`quantize-weights` (int4, block 32) vs onnxruntime `MatMulNBitsQuantizer` (int4, block 32). For each:
+onnxruntime CPU latency (2 threads, median over interleaved rounds, one session alive at a time), size
+on disk, cosine / max abs error of every output vs fp32 on the shipped calibration samples, and the
+tool's run time; with ratios ours/theirs. (Static int8 QDQ is not compared yet: quantize-int8 does not
+exist.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnxslim_kit import api  # noqa: E402
+from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
+from onnxslim_kit.runtime import make_session  # noqa: E402
+
+
+def _ours(src, passes, out, calib):
+    t0 = time.perf_counter()
+    api.optimize(src, passes=passes, calibration=calib, output=out, tolerance={"cosine": 0.9})
+    return time.perf_counter() - t0
+
+
+def _ort_dynamic(src, out):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    quantize_dynamic(src, out, per_channel=True, weight_type=QuantType.QInt8)
+    return time.perf_counter() - t0
+
+
+def _ort_nbits(src, out):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    t0 = time.perf_counter()
+    q = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(out, use_external_data_format=False)
+    return time.perf_counter() - t0
+
+
+def _size(path):
+    return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "bert_tiny.onnx"))
+    parser.add_argument("--calib", default=None)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    src = args.model
+    calib = args.calib or str(Path(src).with_suffix("")) + ".calib.npz"
+    tmp = tempfile.mkdtemp(prefix="bench-quantize-")
+    variants = {"fp32": (src, 0.0)}
+    jobs = [
+        ("ours dynamic int8", lambda o: _ours(src, ["cleanup", "quantize-dynamic"], o, calib)),
+        ("ORT quantize_dynamic per-channel", lambda o: _ort_dynamic(src, o)),
+        ("ours int4 weights", lambda o: _ours(src, ["cleanup", "quantize-weights:bits=4,block_size=32"], o, calib)),
+        ("ORT MatMulNBits int4", lambda o: _ort_nbits(src, o)),
+    ]
+    for i, (name, job) in enumerate(jobs):
+        out = os.path.join(tmp, f"v{i}.onnx")
+        try:
+            variants[name] = (out, job(out))
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
+            print(f"{name}: failed: {type(exc).__name__}: {exc}")
+    ref_proto = onnx.load(src)
+    feeds = list(load_calibration(calib, input_specs(ref_proto)))
+    ref_sess = make_session(src, optimize=False)
+    ref_out = [ref_sess.run(None, f) for f in feeds]
+    del ref_sess
+    accuracy = {}
+    for name, (path, _) in variants.items():
+        sess = make_session(path, threads=args.threads)
+        outs = [sess.run(None, f) for f in feeds]
+        del sess
+        cos = []
+        for k in range(len(ref_out[0])):
+            a = np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64)
+            b = np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64)
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        accuracy[name] = cos
+    feed = feeds[0]
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (path, _) in variants.items():  # interleaved: A, B, C, A, B, C, ...
+            sess = make_session(path, threads=args.threads)
+            for _ in range(3):
+                sess.run(None, feed)
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[name].append(time.perf_counter() - t0)
+            del sess
+    base = statistics.median(times["fp32"])
+    out_names = [o.name for o in ref_proto.graph.output]
+    print(f"model {src}; {len(feeds)} calibration feeds; {args.threads} threads; "
+          f"{args.rounds} interleaved rounds x {args.runs} runs")
+    print(f"{'variant':36s} {'median ms':>10s} {'vs fp32':>8s} {'size KiB':>9s} "
+          + " ".join(f"{'cos ' + n[:14]:>20s}" for n in out_names) + f" {'tool s':>7s}")
+    for name, (path, secs) in variants.items():
+        med = statistics.median(times[name])
+        print(f"{name:36s} {med * 1e3:10.3f} {med / base:8.3f} {_size(path) / 1024:9.0f} "
+              + " ".join(f"{c:20.5f}" for c in accuracy[name]) + f" {secs:7.2f}")
+    for ours, theirs in (("ours dynamic int8", "ORT quantize_dynamic per-channel"),
+                         ("ours int4 weights", "ORT MatMulNBits int4")):
+        if ours in variants and theirs in variants:
+            lat = statistics.median(times[ours]) / statistics.median(times[theirs])
+            print(f"ratio {ours} / {theirs}: latency {lat:.3f}, size {_size(variants[ours][0]) / _size(variants[theirs][0]):.3f}, "
+                  f"tool time {variants[ours][1] / max(variants[theirs][1], 1e-9):.2f}, "
+                  f"cosine {' '.join(f'{a:.5f}/{b:.5f}' for a, b in zip(accuracy[ours], accuracy[theirs]))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
