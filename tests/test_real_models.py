@@ -1,5 +1,6 @@
 """The default pipeline on the real exported models shipped in models/ (no torch needed)."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ ALL = sorted(p.stem for p in MODELS.glob("*.onnx"))
 
 
 def _calib(name: str) -> Path:
-    base = name.replace("_opset13", "").replace("_dynamo", "")
-    return MODELS / f"{base}.calib.npz"
+    own = MODELS / f"{name}.calib.npz"  # exporter/opset variants share their base model's samples
+    return own if own.exists() else MODELS / (re.sub(r"_(opset\d+|dynamo)$", "", name) + ".calib.npz")
 
 
 def _outputs(proto, feeds):

@@ -365,6 +365,12 @@ def build_mobilenetv2_tiny_dynamo():
                       description="mobilenetv2_tiny via the dynamo exporter (external data)")
 
 
+def build_mobilenetv3_tiny_opset23():
+    """The dynamo exporter at a recent opset (23), weights in an external .data file."""
+    return _build_cnn("mobilenetv3_tiny", "MobileNetV3Tiny", 64, opset=23, dynamo=True, suffix="_opset23",
+                      description="mobilenetv3_tiny via the dynamo exporter at opset 23 (external data)")
+
+
 def _bert_inputs(n: int, seq: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 1000, size=(n, seq)).astype(np.int64)
@@ -470,6 +476,7 @@ BUILDERS = {
     "mobilenetv2_tiny": build_mobilenetv2_tiny,
     "mobilenetv2_tiny_dynamo": build_mobilenetv2_tiny_dynamo,
     "mobilenetv3_tiny": build_mobilenetv3_tiny,
+    "mobilenetv3_tiny_opset23": build_mobilenetv3_tiny_opset23,
     "det_head_tiny": build_det_head_tiny,
     "bert_tiny": build_bert_tiny,
     "bert_tiny_dynamo": build_bert_tiny_dynamo,
