@@ -1,6 +1,7 @@
 """CLI end to end with click's CliRunner, and the Python API it mirrors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -194,3 +195,16 @@ def test_python_module_entry_point(model_path):
     result = subprocess.run([sys.executable, "-m", "onnxslim_kit", "inspect", str(model_path), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and json.loads(result.stdout)["nodes"] == 6
+
+
+def test_cli_output_is_deterministic(tmp_path):
+    """Same input, options and seed: byte-identical output (quantization included)."""
+    src = Path(__file__).resolve().parent.parent / "models" / "bert_tiny.onnx"
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.onnx"
+        result = _invoke("optimize", src, "-o", out, "-p", "cleanup", "-p", "quantize-dynamic", "-q",
+                         "--tolerance", "cosine=0.99")
+        assert result.exit_code == 0, result.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
