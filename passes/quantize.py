@@ -520,3 +520,325 @@ class Fp16(Pass):
 def _value_infos(proto):
     g = proto.graph
     return list(g.input) + list(g.output) + list(g.value_info)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize-int8: static QDQ
+# ----------------------------------------------------------------------------------------------
+
+_COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+# Ops onnxruntime runs on quantized tensors when every float input and output carries a Q/DQ pair.
+_QUANT_FRIENDLY = ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
+_REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+class _RangeCollector:
+    """Streams per-tensor statistics over calibration feeds: running min/max, and for percentile a
+    fixed-bin histogram of |x| collected in a second pass (memory stays bounded: FIELD-NOTES 14)."""
+
+    BINS = 2048
+
+    def __init__(self, model_proto, names: list[str], data, track, method: str, percentile: float):
+        from onnxslim_kit.runtime import make_session
+        from onnxslim_kit.shapes import infer_shapes
+
+        import onnx as _onnx
+
+        aug = _onnx.ModelProto()
+        aug.CopyFrom(model_proto)
+        known = {o.name for o in aug.graph.output}
+        types = {vi.name: vi for vi in infer_shapes(aug).graph.value_info}
+        for name in names:
+            if name not in known:
+                vi = types.get(name) or _onnx.helper.make_tensor_value_info(name, _onnx.TensorProto.FLOAT, None)
+                aug.graph.output.append(vi)
+        self.session = make_session(aug, optimize=False)
+        self.names = names
+        self.data = data
+        self.track = track
+        self.method = method
+        self.percentile = percentile
+
+    def _runs(self, label):
+        index = {o.name: i for i, o in enumerate(self.session.get_outputs())}
+        for feed in self.track(self.data, label):
+            outs = self.session.run(None, feed)
+            yield {n: outs[index[n]] for n in self.names}
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        lo = {n: np.inf for n in self.names}
+        hi = {n: -np.inf for n in self.names}
+        for values in self._runs("calibrating ranges"):
+            for n, v in values.items():
+                if v.size:
+                    lo[n] = min(lo[n], float(v.min()))
+                    hi[n] = max(hi[n], float(v.max()))
+        if self.method == "minmax":
+            return {n: (lo[n], hi[n]) for n in self.names}
+        amax = {n: max(abs(lo[n]), abs(hi[n]), 1e-12) for n in self.names}
+        hist = {n: np.zeros(self.BINS, np.int64) for n in self.names}
+        for values in self._runs("calibrating histograms"):
+            for n, v in values.items():
+                hist[n] += np.histogram(np.abs(v), bins=self.BINS, range=(0.0, amax[n]))[0]
+        out = {}
+        for n in self.names:
+            cdf = np.cumsum(hist[n])
+            total = cdf[-1] if cdf.size and cdf[-1] else 1
+            idx = int(np.searchsorted(cdf, total * self.percentile / 100.0))
+            clip = amax[n] * min(idx + 1, self.BINS) / self.BINS
+            out[n] = (max(lo[n], -clip), min(hi[n], clip))
+        return out
+
+
+@register_pass
+class QuantizeInt8(Pass):
+    """Static int8 QDQ: calibrated activation ranges, per-channel int8 weights, int32 bias, placed so
+    that onnxruntime's CPU QDQ fusions produce integer kernels (QLinearConv, QLinearMatMul, QGemm).
+
+    Options:
+        calibration: activation range method (minmax, or percentile of |x|)
+        percentile: percentile of |x| kept by the percentile method
+        activation_type: uint8 (asymmetric, the fast U8S8 flavour on x86) or int8 (symmetric)
+        per_channel: one weight scale per output channel (needs opset >= 13; per-tensor below)
+        reduce_range: 7-bit weights (for CPUs without VNNI)
+        op_types: compute ops to quantize, '+'-separated (Conv+MatMul+Gemm)
+        exclude: node names kept in float, '+'-separated
+        keep_first_last: keep the first and last compute node in float
+        min_cosine: parity bound this pass promises on the final outputs
+    """
+
+    name = "quantize-int8"
+    summary = "static int8 QDQ (calibrated) for Conv/MatMul/Gemm (+Add, pooling, Concat) fused by onnxruntime"
+    needs = frozenset({"calibration"})
+    tolerance = Tolerance(min_cosine=0.99)
+
+    def __init__(self, *, calibration: Literal["minmax", "percentile"] = "minmax", percentile: float = 99.999,
+                 activation_type: Literal["uint8", "int8"] = "uint8", per_channel: bool = True,
+                 reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
+                 keep_first_last: bool = False, min_cosine: float = 0.99):
+        self.calibration, self.percentile = calibration, percentile
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError("percentile must be in (50, 100]")
+        self.activation_type, self.per_channel, self.reduce_range = activation_type, per_channel, reduce_range
+        self.op_types = list(op_types) if op_types else list(_COMPUTE_OPS)
+        unknown = set(self.op_types) - set(_COMPUTE_OPS)
+        if unknown:
+            raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} ({'+'.join(_COMPUTE_OPS)})")
+        self.exclude = list(exclude) if exclude else []
+        self.keep_first_last = keep_first_last
+        self.min_cosine = min_cosine
+        self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    # -- selection --------------------------------------------------------------------------------
+    def _select(self, model: Model, skipped: list) -> list[gs.Node]:
+        compute = []
+        for node in model.nodes:
+            if node.op not in self.op_types:
+                continue
+            label = node.name or f"<{node.op}>"
+            if any(isinstance(a, gs.Graph) for a in node.attrs.values()):
+                continue
+            if node.name in self.exclude:
+                skipped.append((label, "excluded by option"))
+                continue
+            w = model.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+            if w is None or w.dtype != np.float32:
+                skipped.append((label, "weight is not a constant float32 tensor"))
+                continue
+            if node.op == "MatMul" and w.ndim != 2:
+                skipped.append((label, f"MatMul weight is {w.ndim}-D"))
+                continue
+            if node.op == "Gemm" and (node.attrs.get("transA", 0) or float(node.attrs.get("alpha", 1.0)) != 1.0
+                                      or float(node.attrs.get("beta", 1.0)) != 1.0):
+                skipped.append((label, "Gemm with transA or alpha/beta != 1"))
+                continue
+            if len(node.inputs) > 2 and node.inputs[2].name and model.constant_value(node.inputs[2]) is None:
+                skipped.append((label, "bias is not constant"))
+                continue
+            compute.append(node)
+        if self.keep_first_last and compute:
+            for node in {id(compute[0]): compute[0], id(compute[-1]): compute[-1]}.values():
+                skipped.append((node.name or node.op, "kept in float (keep_first_last)"))
+            compute = compute[1:-1] if len(compute) > 1 else []
+        return compute
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        skipped: list[tuple[str, str]] = []
+        warnings: list[str] = []
+        if ctx.calibration_is_random:
+            warnings.append("quantize-int8: activation ranges come from seeded random data; pass --calib")
+        per_channel = self.per_channel
+        if per_channel and model.opset < 13:
+            per_channel = False
+            warnings.append(f"quantize-int8: opset {model.opset} has no per-channel DequantizeLinear; weights are "
+                            f"quantized per tensor (upgrade the model to opset >= 13 for per-channel)")
+        if model.opset < 10:
+            raise ValueError(f"opset {model.opset} has no QuantizeLinear (needs >= 10)")
+        model.toposort()
+        compute = self._select(model, skipped)
+        if not compute:
+            return PassResult(model, False, {"nodes_quantized": 0}, skipped, warnings)
+        from onnxslim_kit.shapes import infer_shapes
+
+        inferred = infer_shapes(model.to_proto(value_info="drop"))
+        types = {vi.name: vi.type.tensor_type.elem_type for vi in _value_infos(inferred)}
+
+        def is_float(t: gs.Tensor) -> bool:
+            return types.get(t.name) == 1
+
+        compute = [n for n in compute if is_float(n.inputs[0]) or skipped.append(
+            (n.name or n.op, "input is not known to be float32")) and False]
+        selected = {id(n) for n in compute}
+        outer = model.outer_scope_names()
+        # Friendly ops between quantized tensors run quantized too (QLinearAdd, QLinearConcat, pools).
+        for node in model.nodes:
+            if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
+                    all(model.constant_value(t) is None and is_float(t) for t in node.inputs) and \
+                    all(is_float(t) for t in node.outputs):
+                selected.add(id(node))
+        nodes = [n for n in model.nodes if id(n) in selected]
+        # Relu/Clip(0, x) right after a compute node: its range replaces the node's output range and
+        # the activation is removed (uint8 quantization clamps at zero exactly).
+        fold_act: dict[int, gs.Node] = {}
+        if self.activation_type == "uint8":
+            for node in nodes:
+                if node.op not in _COMPUTE_OPS:
+                    continue
+                users = model.consumers(node.outputs[0])
+                if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
+                        not model.is_graph_output(node.outputs[0]) and self._clip_low_is_zero(model, users[0]):
+                    fold_act[id(node)] = users[0]
+        # Tensors to quantize: every float activation input and output of the selected nodes.
+        tensors: dict[str, gs.Tensor] = {}
+        for node in nodes:
+            for t in node.inputs[:1] if node.op in _COMPUTE_OPS else node.inputs:
+                if model.constant_value(t) is None and t.name and t.name not in outer:
+                    tensors[t.name] = t
+            out = fold_act[id(node)].outputs[0] if id(node) in fold_act else node.outputs[0]
+            if out.name not in outer:
+                tensors[out.name] = out
+        proto = model.to_proto(value_info="drop")
+        collector = _RangeCollector(proto, list(tensors), ctx.calibration, ctx.track, self.calibration,
+                                    self.percentile)
+        ranges = collector.ranges()
+        del collector
+        # Remove folded activations: the compute node now writes the activation's output tensor.
+        for node_id, act in fold_act.items():
+            node = next(n for n in nodes if id(n) == node_id)
+            out = act.outputs[0]
+            mid = node.outputs[0]
+            act.outputs.clear()
+            act.inputs.clear()
+            model.graph.nodes.remove(act)
+            node.outputs[0] = out
+            del mid
+        qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}
+        stats = {"nodes_quantized": 0, "activations_quantized": 0, "activations_folded": len(fold_act),
+                 "weights_quantized": 0, "bias_scales_raised": 0}
+        in_scales = {id(n): qparams[n.inputs[0].name][0] for n in nodes
+                     if n.op in _COMPUTE_OPS and n.inputs[0].name in qparams}
+        # Q/DQ on activations: every consumer reads the dequantized value.
+        for name, t in tensors.items():
+            scale, zp = qparams[name]
+            s_t = tensor_from_array(model.unique_name(name + "_scale"), np.array(scale, np.float32))
+            z_t = tensor_from_array(model.unique_name(name + "_zero_point"), np.array(zp, dtype=self._act_dtype()))
+            q = gs.Variable(model.unique_name(name + "_quantized"), dtype=self._act_dtype(), shape=t.shape)
+            dq = gs.Variable(model.unique_name(name + "_dequantized"), dtype=np.float32, shape=t.shape)
+            users = list(t.outputs)
+            model.graph.nodes.append(gs.Node("QuantizeLinear", model.unique_name(name + "_Q"),
+                                             inputs=[t, s_t, z_t], outputs=[q]))
+            model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(name + "_DQ"),
+                                             inputs=[q, s_t, z_t], outputs=[dq]))
+            for user in users:
+                for i, inp in enumerate(user.inputs):
+                    if inp is t:
+                        user.inputs[i] = dq
+            stats["activations_quantized"] += 1
+        # Weights (per channel) and bias (int32, scale = input scale x weight scale).
+        for node in nodes:
+            if node.op not in _COMPUTE_OPS:
+                continue
+            self._quantize_weights(model, node, in_scales.get(id(node)), per_channel, stats)
+            stats["nodes_quantized"] += 1
+        model.invalidate()
+        return PassResult(model, True, stats, skipped, warnings)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _act_dtype(self):
+        return np.uint8 if self.activation_type == "uint8" else np.int8
+
+    def _activation_qparams(self, lo: float, hi: float) -> tuple[float, int]:
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            lo, hi = 0.0, 1.0
+        if self.activation_type == "uint8":
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            scale = (hi - lo) / 255.0 or 1.0
+            zp = int(np.clip(round(-lo / scale), 0, 255))
+            return float(scale), zp
+        amax = max(abs(lo), abs(hi))
+        return float(amax / 127.0 or 1.0), 0
+
+    @staticmethod
+    def _clip_low_is_zero(model: Model, act: gs.Node) -> bool:
+        if act.op == "Relu":
+            return True
+        low = act.attrs.get("min")
+        if low is None and len(act.inputs) > 1 and act.inputs[1].name:
+            value = model.constant_value(act.inputs[1])
+            low = None if value is None else float(np.asarray(value).reshape(-1)[0])
+        return low is not None and float(low) == 0.0
+
+    def _quantize_weights(self, model: Model, node: gs.Node, in_scale: float | None, per_channel: bool,
+                          stats) -> None:
+        w = model.constant_value(node.inputs[1])
+        if node.op == "Conv":
+            axis = 0
+        elif node.op == "Gemm":
+            axis = 0 if node.attrs.get("transB", 0) else 1
+        else:
+            axis = 1
+        bias = None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = np.asarray(model.constant_value(node.inputs[2]), np.float32)
+        q, w_scale = quantize_weight_symmetric(w, axis=axis if per_channel else None, reduce_range=self.reduce_range)
+        if bias is not None and in_scale is not None:
+            # int32 bias with scale in_scale * w_scale must not overflow (FIELD-NOTES 13): raise the
+            # weight scale of channels whose bias would, and requantize them.
+            limit = 2 ** 31 - 1
+            per = np.broadcast_to(w_scale, bias.shape) if w_scale.size == 1 else w_scale
+            needed = np.abs(bias) / (in_scale * limit)
+            if np.any(per < needed):
+                stats["bias_scales_raised"] += int(np.sum(per < needed))
+                new_scale = np.maximum(per, needed * 1.01).astype(np.float32)
+                if w_scale.size == 1:
+                    new_scale = np.array([new_scale.max()], np.float32)
+                shape = [1] * w.ndim
+                if w_scale.size > 1:
+                    shape[axis] = -1
+                q = np.clip(np.rint(w / new_scale.reshape(shape)), -127, 127).astype(np.int8)
+                w_scale = new_scale
+        base = node.inputs[1].name
+        w_q = tensor_from_array(model.unique_name(base + "_quantized"), q)
+        ws = w_scale if per_channel else np.array(w_scale[0], np.float32)
+        s_t = tensor_from_array(model.unique_name(base + "_scale"), ws.astype(np.float32))
+        z_t = tensor_from_array(model.unique_name(base + "_zero_point"), np.zeros(ws.shape, np.int8))
+        w_dq = gs.Variable(model.unique_name(base + "_dequantized"), dtype=np.float32, shape=list(w.shape))
+        attrs = {"axis": axis} if per_channel else {}
+        model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(base + "_DQ"),
+                                         inputs=[w_q, s_t, z_t], outputs=[w_dq], attrs=attrs))
+        node.inputs[1] = w_dq
+        stats["weights_quantized"] += 1
+        if bias is None or in_scale is None:
+            return
+        b_scale = (in_scale * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
+        b_q = np.clip(np.rint(bias / b_scale), -(2 ** 31 - 1), 2 ** 31 - 1).astype(np.int32)
+        bname = node.inputs[2].name
+        bq_t = tensor_from_array(model.unique_name(bname + "_quantized"), b_q)
+        bs = b_scale if per_channel else np.array(b_scale.reshape(-1)[0], np.float32)
+        bs_t = tensor_from_array(model.unique_name(bname + "_scale"), bs)
+        bz_t = tensor_from_array(model.unique_name(bname + "_zero_point"), np.zeros(bs.shape, np.int32))
+        b_dq = gs.Variable(model.unique_name(bname + "_dequantized"), dtype=np.float32, shape=list(bias.shape))
+        battrs = {"axis": 0} if per_channel else {}
+        model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(bname + "_DQ"),
+                                         inputs=[bq_t, bs_t, bz_t], outputs=[b_dq], attrs=battrs))
+        node.inputs[2] = b_dq
