@@ -55,8 +55,49 @@ def _ort_nbits(src, out):
     return time.perf_counter() - t0
 
 
-def _size(path):
+def size(path):
     return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+
+
+def outputs(path, feeds, threads, optimize=True):
+    sess = make_session(path, optimize=optimize, threads=threads)
+    try:
+        return [sess.run(None, f) for f in feeds]
+    finally:
+        del sess
+
+
+def cosines(reference: str, variants: dict[str, str], feeds, threads) -> dict[str, list[float]]:
+    """Per-output cosine of each variant vs the reference (run unoptimized), over all feeds."""
+    ref_out = outputs(reference, feeds, threads, optimize=False)
+    result = {}
+    for name, path in variants.items():
+        outs = outputs(path, feeds, threads)
+        cos = []
+        for k in range(len(ref_out[0])):
+            a = np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64)
+            b = np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64)
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        result[name] = cos
+    return result
+
+
+def latencies(variants: dict[str, str], feed, threads: int, runs: int, rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds (A, B, C, A, B, C, ...), one session alive at a time (FIELD-NOTES 15)."""
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, path in variants.items():
+            sess = make_session(path, threads=threads)
+            names = {i.name for i in sess.get_inputs()}
+            this = {k: v for k, v in feed.items() if k in names}
+            for _ in range(3):
+                sess.run(None, this)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sess.run(None, this)
+                times[name].append(time.perf_counter() - t0)
+            del sess
+    return times
 
 
 def main(argv=None) -> int:
@@ -85,32 +126,8 @@ def main(argv=None) -> int:
             print(f"{name}: failed: {type(exc).__name__}: {exc}")
     ref_proto = onnx.load(src)
     feeds = list(load_calibration(calib, input_specs(ref_proto)))
-    ref_sess = make_session(src, optimize=False)
-    ref_out = [ref_sess.run(None, f) for f in feeds]
-    del ref_sess
-    accuracy = {}
-    for name, (path, _) in variants.items():
-        sess = make_session(path, threads=args.threads)
-        outs = [sess.run(None, f) for f in feeds]
-        del sess
-        cos = []
-        for k in range(len(ref_out[0])):
-            a = np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64)
-            b = np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64)
-            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-        accuracy[name] = cos
-    feed = feeds[0]
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, (path, _) in variants.items():  # interleaved: A, B, C, A, B, C, ...
-            sess = make_session(path, threads=args.threads)
-            for _ in range(3):
-                sess.run(None, feed)
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times[name].append(time.perf_counter() - t0)
-            del sess
+    accuracy = cosines(src, {k: v[0] for k, v in variants.items()}, feeds, args.threads)
+    times = latencies({k: v[0] for k, v in variants.items()}, feeds[0], args.threads, args.runs, args.rounds)
     base = statistics.median(times["fp32"])
     out_names = [o.name for o in ref_proto.graph.output]
     print(f"model {src}; {len(feeds)} calibration feeds; {args.threads} threads; "
@@ -119,13 +136,13 @@ def main(argv=None) -> int:
           + " ".join(f"{'cos ' + n[:14]:>20s}" for n in out_names) + f" {'tool s':>7s}")
     for name, (path, secs) in variants.items():
         med = statistics.median(times[name])
-        print(f"{name:36s} {med * 1e3:10.3f} {med / base:8.3f} {_size(path) / 1024:9.0f} "
+        print(f"{name:36s} {med * 1e3:10.3f} {med / base:8.3f} {size(path) / 1024:9.0f} "
               + " ".join(f"{c:20.5f}" for c in accuracy[name]) + f" {secs:7.2f}")
     for ours, theirs in (("ours dynamic int8", "ORT quantize_dynamic per-channel"),
                          ("ours int4 weights", "ORT MatMulNBits int4")):
         if ours in variants and theirs in variants:
             lat = statistics.median(times[ours]) / statistics.median(times[theirs])
-            print(f"ratio {ours} / {theirs}: latency {lat:.3f}, size {_size(variants[ours][0]) / _size(variants[theirs][0]):.3f}, "
+            print(f"ratio {ours} / {theirs}: latency {lat:.3f}, size {size(variants[ours][0]) / size(variants[theirs][0]):.3f}, "
                   f"tool time {variants[ours][1] / max(variants[theirs][1], 1e-9):.2f}, "
                   f"cosine {' '.join(f'{a:.5f}/{b:.5f}' for a, b in zip(accuracy[ours], accuracy[theirs]))}")
     return 0

@@ -1,0 +1,143 @@
+"""Side by side: onnxslim-kit `quantize-int8` vs onnxruntime's fastest static recipe on this CPU
+(quant_pre_process + quantize_static, QDQ, per-channel, uint8 activations / int8 weights), same models,
+same calibration samples.
+
+    python tools/bench_static_int8.py [--models resnet_tiny mobilenetv2_tiny ...] [--runs 30] [--rounds 5]
+
+Prints per model: latency (onnxruntime CPU, 2 threads, median of interleaved rounds, one session alive at
+a time) of fp32 / ours / ORT, size, cosine and top-1 agreement vs fp32 on the calibration samples,
+held-out accuracy where the model ships labels (digits CNN), tool run time, and ratios ours/ORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quantize import cosines, latencies, outputs, size  # noqa: E402
+from onnxslim_kit import api  # noqa: E402
+from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
+
+DEFAULT_MODELS = ["resnet_tiny", "mobilenetv2_tiny", "mobilenetv3_tiny", "digits_cnn", "det_head_tiny",
+                  "bert_tiny", "paddle_style_opset11"]
+
+
+def ours(src, out, calib):
+    t0 = time.perf_counter()
+    api.optimize(src, passes=["cleanup", "quantize-int8"], calibration=calib, output=out,
+                 tolerance={"cosine": 0.9})
+    return time.perf_counter() - t0
+
+
+def ort_static(src, out, feeds, tmp):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    t0 = time.perf_counter()
+    pre = os.path.join(tmp, "pre.onnx")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # quant_pre_process leaves files in the working directory when it fails (FIELD-NOTES 3)
+    try:
+        try:
+            quant_pre_process(src, pre)
+            model_in = pre
+        except Exception:  # noqa: BLE001 - the reference's own pre-processing fails on some models
+            model_in = src
+        quantize_static(model_in, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        os.chdir(cwd)
+    return time.perf_counter() - t0
+
+
+def top1(reference, path, feeds):
+    a = outputs(reference, feeds, 2, optimize=False)
+    b = outputs(path, feeds, 2)
+    agree = [float(np.mean(np.argmax(x[0], -1) == np.argmax(y[0], -1))) for x, y in zip(a, b)]
+    return float(np.mean(agree))
+
+
+def accuracy(path, name):
+    data_path = ROOT / "models" / f"{name}.eval.npz"
+    if not data_path.exists():
+        return None
+    data = np.load(data_path)
+    feeds = {k: data[k] for k in data.files if k != "labels"}
+    pred = outputs(path, [feeds], 2)[0][0].argmax(-1)
+    return float((pred == data["labels"]).mean())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    rows = []
+    notes = []
+    for name in args.models:
+        src = str(ROOT / "models" / f"{name}.onnx")
+        calib = str(ROOT / "models" / f"{name}.calib.npz")
+        feeds = list(load_calibration(calib, input_specs(onnx.load(src))))
+        tmp = tempfile.mkdtemp(prefix=f"bench-int8-{name}-")
+        paths = {"fp32": src}
+        secs = {}
+        for label, job in (("ours", lambda o: ours(src, o, calib)),
+                           ("ORT", lambda o: ort_static(src, o, feeds, tmp))):
+            out = os.path.join(tmp, f"{label}.onnx")
+            try:
+                secs[label] = job(out)
+                outputs(out, feeds[:1], args.threads)  # the result must load and run
+                paths[label] = out
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                msg = f"{name}: {label} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:220]}"
+                print(msg)
+                notes.append(msg)
+        cos = cosines(src, paths, feeds, args.threads)
+        times = latencies(paths, feeds[0], args.threads, args.runs, args.rounds)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for label in paths:
+            rows.append([name, label, f"{med[label] * 1e3:.3f}", f"{med[label] / med['fp32']:.3f}",
+                         f"{size(paths[label]) / 1024:.0f}", f"{min(cos[label]):.5f}",
+                         f"{top1(src, paths[label], feeds):.3f}" if label != "fp32" else "1.000",
+                         (f"{accuracy(paths[label], name):.4f}" if accuracy(paths[label], name) is not None else "-"),
+                         f"{secs.get(label, 0):.2f}"])
+        if "ours" in paths and "ORT" in paths:
+            rows.append([name, "ratio ours/ORT", f"{med['ours'] / med['ORT']:.3f}", "", 
+                         f"{size(paths['ours']) / size(paths['ORT']):.3f}", "", "", "",
+                         f"{secs['ours'] / secs['ORT']:.2f}"])
+        print("\n".join(" | ".join(r) for r in rows[-(len(paths) + 1):]), flush=True)
+    header = ["model", "variant", "median ms", "vs fp32", "KiB", "min cosine", "top-1 agree", "accuracy", "tool s"]
+    text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    out = ROOT / "tools" / "results" / "static_int8_vs_ort.md"
+    out.write_text(f"# quantize-int8 vs onnxruntime quantize_static (QDQ, per-channel, U8S8)\n\n"
+                   f"{args.threads} threads, {args.rounds} interleaved rounds x {args.runs} runs\n\n" + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
