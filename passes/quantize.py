@@ -528,8 +528,11 @@ def _value_infos(proto):
 
 _COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 # Ops onnxruntime runs on quantized tensors when every float input and output carries a Q/DQ pair.
-_QUANT_FRIENDLY = ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
+_QUANT_FRIENDLY = ("Add", "AveragePool", "GlobalAveragePool", "Concat")
 _REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
+# Data-movement ops: the output keeps the input's scale and zero point (no requantization), so
+# onnxruntime drops their Q/DQ pair or runs them on uint8 directly. Only input 0 is data.
+_SHARE_SCALE = ("Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
 
 
 class _RangeCollector:
@@ -696,13 +699,25 @@ class QuantizeInt8(Pass):
                     all(model.constant_value(t) is None and is_float(t) for t in node.inputs) and \
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))
+        # Data-movement ops next to quantized nodes carry the quantized tensor through.
+        producers_selected = set()
+        for node in model.nodes:
+            if id(node) in selected:
+                producers_selected.update(t.name for t in node.outputs)
+        consumers_selected = {t.name for n in model.nodes if id(n) in selected for t in n.inputs}
+        for node in model.nodes:
+            if node.op in _SHARE_SCALE and node.name not in self.exclude and is_float(node.inputs[0]) and \
+                    model.constant_value(node.inputs[0]) is None and \
+                    (node.inputs[0].name in producers_selected or node.outputs[0].name in consumers_selected):
+                selected.add(id(node))
+                producers_selected.add(node.outputs[0].name)
         nodes = [n for n in model.nodes if id(n) in selected]
-        # Relu/Clip(0, x) right after a compute node: its range replaces the node's output range and
+        # Relu/Clip(0, x) right after a compute node or Add: its range replaces the node's output range and
         # the activation is removed (uint8 quantization clamps at zero exactly).
         fold_act: dict[int, gs.Node] = {}
         if self.activation_type == "uint8":
             for node in nodes:
-                if node.op not in _COMPUTE_OPS:
+                if node.op not in _COMPUTE_OPS + ("Add",):  # residual Add -> Relu folds like Conv -> Relu
                     continue
                 users = model.consumers(node.outputs[0])
                 if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
@@ -711,7 +726,7 @@ class QuantizeInt8(Pass):
         # Tensors to quantize: every float activation input and output of the selected nodes.
         tensors: dict[str, gs.Tensor] = {}
         for node in nodes:
-            for t in node.inputs[:1] if node.op in _COMPUTE_OPS else node.inputs:
+            for t in node.inputs[:1] if node.op in _COMPUTE_OPS + _SHARE_SCALE else node.inputs:
                 if model.constant_value(t) is None and t.name and t.name not in outer:
                     tensors[t.name] = t
             out = fold_act[id(node)].outputs[0] if id(node) in fold_act else node.outputs[0]
@@ -733,6 +748,9 @@ class QuantizeInt8(Pass):
             node.outputs[0] = out
             del mid
         qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}
+        for node in nodes:  # topological order: chains of data-movement ops share one scale
+            if node.op in _SHARE_SCALE and node.inputs[0].name in qparams and node.outputs[0].name in qparams:
+                qparams[node.outputs[0].name] = qparams[node.inputs[0].name]
         stats = {"nodes_quantized": 0, "activations_quantized": 0, "activations_folded": len(fold_act),
                  "weights_quantized": 0, "bias_scales_raised": 0}
         in_scales = {id(n): qparams[n.inputs[0].name][0] for n in nodes
@@ -753,6 +771,11 @@ class QuantizeInt8(Pass):
                 for i, inp in enumerate(user.inputs):
                     if inp is t:
                         user.inputs[i] = dq
+            for i, out in enumerate(list(model.graph.outputs)):
+                if out is t:  # the graph output becomes the DQ (name kept), so the producer fuses too
+                    dq_name, t.name = t.name, model.unique_name(t.name + "_float")
+                    dq.name = dq_name
+                    model.graph.outputs[i] = dq
             stats["activations_quantized"] += 1
         # Weights (per channel) and bias (int32, scale = input scale x weight scale).
         for node in nodes:

@@ -254,7 +254,7 @@ def _fused_ops(proto, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, min_cos", [("resnet_tiny", 0.999), ("mobilenetv2_tiny", 0.999),
-                                           ("digits_cnn", 0.999)])
+                                           ("digits_cnn", 0.999), ("det_head_tiny", 0.999)])
 def test_quantize_int8_cnn_becomes_integer_kernels(tmp_path, name, min_cos):
     proto, report = onnxslim_kit.optimize(MODELS / f"{name}.onnx", passes=["cleanup", "quantize-int8"],
                                           calibration=MODELS / f"{name}.calib.npz")
