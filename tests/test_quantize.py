@@ -319,3 +319,23 @@ def test_quantize_int8_bias_overflow_raises_weight_scale():
     for t in out.graph.initializer:
         if t.data_type == onnx.TensorProto.INT32:
             assert np.abs(onnx.numpy_helper.to_array(t).astype(np.int64)).max() < 2 ** 31 - 1
+
+
+def test_quantize_int8_calibration_methods_clip_ranges_from_a_histogram():
+    from passes.quantize import _mse_threshold_bins
+
+    hist = np.zeros(2048, np.int64)
+    hist[:200] = 100_000  # bulk of the data in the first 10% of the range
+    hist[2047] = 1     # one far outlier
+    assert 200 <= _mse_threshold_bins(hist, levels=255) < 600  # clips the outlier, keeps the bulk
+    flat = np.full(2048, 10, np.int64)
+    assert _mse_threshold_bins(flat, levels=255) == 2048  # nothing to gain from clipping uniform data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_quantize_int8_histogram_methods_keep_parity(method):
+    proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx",
+                                          passes=["cleanup", f"quantize-int8:calibration={method}"],
+                                          calibration=MODELS / "bert_tiny.calib.npz")
+    assert all(o.cosine >= 0.999 for o in report.parity.outputs)
