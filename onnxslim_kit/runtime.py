@@ -119,3 +119,25 @@ ORT_TYPE_TO_NUMPY = {
     "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
     "tensor(string)": np.str_,
 }
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int8_dot_product() -> str | None:
+    """The int8 dot-product instruction set this CPU offers to onnxruntime's kernels, or None.
+
+    x86: AMX-INT8, AVX512-VNNI, AVX-VNNI; Arm: the dot-product extension (asimddp / i8mm)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
+                       ("i8mm", "Arm I8MM"), ("asimddp", "Arm dot-product")):
+        if flag in flags:
+            return name
+    return None

@@ -807,7 +807,30 @@ class QuantizeInt8(Pass):
             self._quantize_weights(model, node, in_scales.get(id(node)), per_channel, stats)
             stats["nodes_quantized"] += 1
         model.invalidate()
+        stats.update(self._preflight(proto, compute, ctx, warnings))
         return PassResult(model, True, stats, skipped, warnings)
+
+    @staticmethod
+    def _preflight(proto, compute: list[gs.Node], ctx: PassContext, warnings: list[str]) -> dict:
+        """What share of the model's MACs now runs in int8, and whether the CPU has int8 dot products."""
+        from onnxslim_kit.metrics import model_stats
+        from onnxslim_kit.runtime import cpu_int8_dot_product
+
+        out = {}
+        try:
+            stats = model_stats(proto, ctx.input_shapes)
+            names = {n.name for n in compute}
+            int8 = sum(m for name, m in stats.macs_per_node.items() if name in names)
+            if stats.macs:
+                out["int8_mac_share"] = round(int8 / stats.macs, 4)
+        except Exception as exc:  # noqa: BLE001 - a report figure must not fail the pass
+            logger.info("MAC share not computed: %s", exc)
+        isa = cpu_int8_dot_product()
+        out["cpu_int8_dot_product"] = int(isa is not None)
+        if isa is None:
+            warnings.append("quantize-int8: this CPU has no int8 dot-product instructions (VNNI/AMX/Arm dot); "
+                            "int8 may be slower than fp32 here: check with 'onnxslim-kit bench'")
+        return out
 
     # -- helpers ------------------------------------------------------------------------------------
     def _act_dtype(self):

@@ -260,6 +260,7 @@ def test_quantize_int8_cnn_becomes_integer_kernels(tmp_path, name, min_cos):
                                           calibration=MODELS / f"{name}.calib.npz")
     rec = report.passes[1]
     assert rec.stats["nodes_quantized"] >= 3 and rec.stats["activations_folded"] >= 1
+    assert rec.stats["int8_mac_share"] > 0.95 and rec.stats["cpu_int8_dot_product"] in (0, 1)
     assert report.parity.ok and all(o.cosine > min_cos for o in report.parity.outputs)
     onnx.checker.check_model(proto, full_check=True)
     fused = _fused_ops(proto, tmp_path)
