@@ -105,7 +105,8 @@ class QuantizeDynamic(Pass):
     Options:
         per_channel: one weight scale per output column (true) or one per tensor (false)
         reduce_range: 7-bit weights (for CPUs without VNNI dot-product instructions)
-        op_types: which ops to quantize, '+'-separated (MatMul+Gemm)
+        op_types: which ops to quantize, '+'-separated (MatMul+Gemm+Gather; Gather = embedding tables,
+            stored int8 and dequantized after the lookup)
         exclude: node names to keep in float, '+'-separated
         min_elements: skip weights smaller than this many elements (too small to pay off)
         min_cosine: parity bound this pass promises on the final outputs
@@ -120,10 +121,10 @@ class QuantizeDynamic(Pass):
                  min_elements: int = 1024, min_cosine: float = 0.99):
         self.per_channel = per_channel
         self.reduce_range = reduce_range
-        self.op_types = list(op_types) if op_types else ["MatMul", "Gemm"]
-        unknown = set(self.op_types) - {"MatMul", "Gemm"}
+        self.op_types = list(op_types) if op_types else ["MatMul", "Gemm", "Gather"]
+        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather"}
         if unknown:
-            raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} (MatMul, Gemm)")
+            raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} (MatMul, Gemm, Gather)")
         self.exclude = list(exclude) if exclude else []
         self.min_elements = min_elements
         self.min_cosine = min_cosine
@@ -153,6 +154,35 @@ class QuantizeDynamic(Pass):
             q_t, zp_t, scale = cache[key]
             self._rewrite(model, node, q_t, zp_t, scale, bias_t)
             done += 1
+        if "Gather" in self.op_types:
+            for node in list(model.nodes):
+                if node.op != "Gather" or node.name in self.exclude:
+                    continue
+                table = model.constant_value(node.inputs[0])
+                label = node.name or "<Gather>"
+                if table is None or table.dtype != np.float32:
+                    continue  # index arithmetic on shapes, not an embedding table
+                if table.size < self.min_elements:
+                    skipped.append((label, f"table has {table.size} elements < min_elements={self.min_elements}"))
+                    continue
+                key = id(node.inputs[0]) * 7  # tables are quantized per tensor, once
+                if key not in cache:
+                    q, scale = quantize_weight_symmetric(table, axis=None, reduce_range=self.reduce_range)
+                    cache[key] = (gs.Constant(model.unique_name(node.inputs[0].name + "_quantized"), q),
+                                  gs.Constant(model.unique_name(node.inputs[0].name + "_zero_point"),
+                                              np.zeros((), np.int8)), scale)
+                    weight_bytes_before += table.nbytes
+                    weight_bytes_after += q.nbytes + scale.nbytes
+                q_t, zp_t, scale = cache[key]
+                out = node.outputs[0]
+                looked_up = gs.Variable(model.unique_name(out.name + "_int8"), dtype=np.int8)
+                node.inputs[0] = q_t
+                node.outputs[0] = looked_up
+                s_t = gs.Constant(model.unique_name(out.name + "_scale"), np.array(scale[0], np.float32))
+                model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(label + "_dq"),
+                                                 inputs=[looked_up, s_t, zp_t], outputs=[out]))
+                done += 1
+            model.invalidate()
         stats = {"nodes_quantized": done, "weights_quantized": len(cache),
                  "weight_bytes_before": weight_bytes_before, "weight_bytes_after": weight_bytes_after}
         return PassResult(model, done > 0, stats, skipped)

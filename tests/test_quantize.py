@@ -340,3 +340,18 @@ def test_quantize_int8_histogram_methods_keep_parity(method):
                                           passes=["cleanup", f"quantize-int8:calibration={method}"],
                                           calibration=MODELS / "bert_tiny.calib.npz")
     assert all(o.cosine >= 0.999 for o in report.parity.outputs)
+
+
+def test_quantize_dynamic_embedding_gather_stored_int8():
+    r = rng(11)
+    table = r.standard_normal((500, 32)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed", axis=0),
+             helper.make_node("Relu", ["emb"], ["y"], name="relu")]
+    proto = make_model(nodes, [("ids", onnx.TensorProto.INT64, ["B", 7])], [("y", FLOAT, ["B", 7, 32])],
+                       [init("table", table)])
+    out, rec = _run(proto)
+    assert rec.stats["nodes_quantized"] == 1 and rec.stats["weight_bytes_after"] < table.nbytes / 3
+    assert [n.op_type for n in out.graph.node] == ["Gather", "DequantizeLinear", "Relu"]
+    ids = r.integers(0, 500, size=(3, 7)).astype(np.int64)
+    ref, got = run_model(proto, {"ids": ids})[0], run_model(out, {"ids": ids})[0]
+    assert np.abs(ref - got).max() <= np.abs(table).max() / 127 / 2 + 1e-6  # half a quantization step
