@@ -659,6 +659,8 @@ class QuantizeInt8(Pass):
         op_types: compute ops to quantize, '+'-separated (Conv+MatMul+Gemm)
         exclude: node names kept in float, '+'-separated
         keep_first_last: keep the first and last compute node in float
+        target_cosine: sensitivity fallback: keep the fewest, most sensitive layers in float until the
+            outputs' cosine vs the float model reaches this (measured on the calibration data)
         min_cosine: parity bound this pass promises on the final outputs
     """
 
@@ -671,8 +673,11 @@ class QuantizeInt8(Pass):
                  percentile: float = 99.999,
                  activation_type: Literal["uint8", "int8"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
-                 keep_first_last: bool = False, min_cosine: float = 0.99):
+                 keep_first_last: bool = False, target_cosine: float | None = None, min_cosine: float = 0.99):
         self.calibration, self.percentile = calibration, percentile
+        if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
+            raise ValueError("target_cosine must be in (0, 1]")
+        self.target_cosine = target_cosine
         if not 50.0 < percentile <= 100.0:
             raise ValueError("percentile must be in (50, 100]")
         self.activation_type, self.per_channel, self.reduce_range = activation_type, per_channel, reduce_range
@@ -723,29 +728,53 @@ class QuantizeInt8(Pass):
         warnings: list[str] = []
         if ctx.calibration_is_random:
             warnings.append("quantize-int8: activation ranges come from seeded random data; pass --calib")
+        if model.opset < 10:
+            raise ValueError(f"opset {model.opset} has no QuantizeLinear (needs >= 10)")
         per_channel = self.per_channel
         if per_channel and model.opset < 13:
             per_channel = False
             warnings.append(f"quantize-int8: opset {model.opset} has no per-channel DequantizeLinear; weights are "
                             f"quantized per tensor (upgrade the model to opset >= 13 for per-channel)")
-        if model.opset < 10:
-            raise ValueError(f"opset {model.opset} has no QuantizeLinear (needs >= 10)")
         model.toposort()
-        compute = self._select(model, skipped)
-        if not compute:
+        for node in model.nodes:  # the plan refers to nodes by name (it is re-applied to copies)
+            if not node.name:
+                node.name = model.unique_name(node.op.lower())
+        plan = self._plan(model, ctx, skipped)
+        if plan is None:
             return PassResult(model, False, {"nodes_quantized": 0}, skipped, warnings)
+        excluded: set[str] = set()
+        stats_extra: dict[str, float] = {}
+        if self.target_cosine is not None:
+            excluded = self._sensitivity_fallback(plan, ctx, per_channel, skipped, stats_extra)
+        stats = self._apply(model, plan, excluded, per_channel)
+        stats.update(stats_extra)
+        stats.update(self._preflight(plan["proto"], [n for n in plan["compute"] if n not in excluded], ctx, warnings))
+        modified = stats["nodes_quantized"] > 0 or stats["activations_quantized"] > 0
+        return PassResult(model, modified, stats, skipped, warnings)
+
+    def _plan(self, model: Model, ctx: PassContext, skipped: list) -> dict | None:
+        """Which nodes and tensors to quantize, with calibrated quantization parameters, by name."""
         from onnxslim_kit.shapes import infer_shapes
 
+        compute = self._select(model, skipped)
+        if not compute:
+            return None
         inferred = infer_shapes(model.to_proto(value_info="drop"))
         types = {vi.name: vi.type.tensor_type.elem_type for vi in _value_infos(inferred)}
 
         def is_float(t: gs.Tensor) -> bool:
             return types.get(t.name) == 1
 
-        compute = [n for n in compute if is_float(n.inputs[0]) or skipped.append(
-            (n.name or n.op, "input is not known to be float32")) and False]
+        kept = []
+        for n in compute:
+            if is_float(n.inputs[0]):
+                kept.append(n)
+            else:
+                skipped.append((n.name, "input is not known to be float32"))
+        compute = kept
+        if not compute:
+            return None
         selected = {id(n) for n in compute}
-        outer = model.outer_scope_names()
         # Friendly ops between quantized tensors run quantized too (QLinearAdd, QLinearConcat, pools).
         for node in model.nodes:
             if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
@@ -753,63 +782,80 @@ class QuantizeInt8(Pass):
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))
         # Data-movement ops next to quantized nodes carry the quantized tensor through.
-        producers_selected = set()
-        for node in model.nodes:
-            if id(node) in selected:
-                producers_selected.update(t.name for t in node.outputs)
-        consumers_selected = {t.name for n in model.nodes if id(n) in selected for t in n.inputs}
+        produced = {t.name for n in model.nodes if id(n) in selected for t in n.outputs}
+        consumed = {t.name for n in model.nodes if id(n) in selected for t in n.inputs}
         for node in model.nodes:
             if node.op in _SHARE_SCALE and node.name not in self.exclude and is_float(node.inputs[0]) and \
                     model.constant_value(node.inputs[0]) is None and \
-                    (node.inputs[0].name in producers_selected or node.outputs[0].name in consumers_selected):
+                    (node.inputs[0].name in produced or node.outputs[0].name in consumed):
                 selected.add(id(node))
-                producers_selected.add(node.outputs[0].name)
+                produced.add(node.outputs[0].name)
         nodes = [n for n in model.nodes if id(n) in selected]
-        # Relu/Clip(0, x) right after a compute node or Add: its range replaces the node's output range and
-        # the activation is removed (uint8 quantization clamps at zero exactly).
-        fold_act: dict[int, gs.Node] = {}
-        if self.activation_type == "uint8":
-            for node in nodes:
-                if node.op not in _COMPUTE_OPS + ("Add",):  # residual Add -> Relu folds like Conv -> Relu
-                    continue
-                users = model.consumers(node.outputs[0])
-                if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
-                        not model.is_graph_output(node.outputs[0]) and self._clip_low_is_zero(model, users[0]):
-                    fold_act[id(node)] = users[0]
-        # Tensors to quantize: every float activation input and output of the selected nodes.
+        plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": None}
+        tensors = self._tensors(model, nodes, self._fold_pairs(model, nodes))
+        plan["proto"] = model.to_proto(value_info="drop")
+        collector = _RangeCollector(plan["proto"], sorted(tensors), ctx.calibration, ctx.track, self.calibration,
+                                    self.percentile)
+        ranges = collector.ranges()
+        del collector
+        qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}
+        for node in nodes:  # topological order: chains of data-movement ops share one scale
+            if node.op in _SHARE_SCALE and node.inputs[0].name in qparams and node.outputs[0].name in qparams:
+                qparams[node.outputs[0].name] = qparams[node.inputs[0].name]
+        plan["qparams"] = qparams
+        return plan
+
+    def _fold_pairs(self, model: Model, nodes: list[gs.Node]) -> dict[str, gs.Node]:
+        """Relu/Clip(0, x) right after a compute node or Add: its range replaces the node's output range
+        and the activation is removed (uint8 quantization clamps at zero exactly)."""
+        pairs: dict[str, gs.Node] = {}
+        if self.activation_type != "uint8":
+            return pairs
+        for node in nodes:
+            if node.op not in _COMPUTE_OPS + ("Add",):  # residual Add -> Relu folds like Conv -> Relu
+                continue
+            users = model.consumers(node.outputs[0])
+            if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
+                    not model.is_graph_output(node.outputs[0]) and self._clip_low_is_zero(model, users[0]):
+                pairs[node.name] = users[0]
+        return pairs
+
+    @staticmethod
+    def _tensors(model: Model, nodes: list[gs.Node], fold: dict[str, gs.Node]) -> dict[str, gs.Tensor]:
+        """Every float activation input and output of the selected nodes (after activation folding)."""
+        outer = model.outer_scope_names()
         tensors: dict[str, gs.Tensor] = {}
         for node in nodes:
             for t in node.inputs[:1] if node.op in _COMPUTE_OPS + _SHARE_SCALE else node.inputs:
                 if model.constant_value(t) is None and t.name and t.name not in outer:
                     tensors[t.name] = t
-            out = fold_act[id(node)].outputs[0] if id(node) in fold_act else node.outputs[0]
+            out = fold[node.name].outputs[0] if node.name in fold else node.outputs[0]
             if out.name not in outer:
                 tensors[out.name] = out
-        proto = model.to_proto(value_info="drop")
-        collector = _RangeCollector(proto, list(tensors), ctx.calibration, ctx.track, self.calibration,
-                                    self.percentile)
-        ranges = collector.ranges()
-        del collector
-        # Remove folded activations: the compute node now writes the activation's output tensor.
-        for node_id, act in fold_act.items():
-            node = next(n for n in nodes if id(n) == node_id)
+        return tensors
+
+    def _apply(self, model: Model, plan: dict, excluded: set[str], per_channel: bool) -> dict:
+        """Insert Q/DQ and quantized weights for the planned nodes except ``excluded`` compute nodes."""
+        wanted = set(plan["selected"]) - excluded
+        nodes = [n for n in model.nodes if n.name in wanted]
+        fold = self._fold_pairs(model, nodes)
+        tensors = self._tensors(model, nodes, fold)
+        qparams = plan["qparams"]
+        for name, act in fold.items():  # the compute node now writes the activation's output tensor
+            node = next(n for n in nodes if n.name == name)
             out = act.outputs[0]
-            mid = node.outputs[0]
             act.outputs.clear()
             act.inputs.clear()
             model.graph.nodes.remove(act)
             node.outputs[0] = out
-            del mid
-        qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}
-        for node in nodes:  # topological order: chains of data-movement ops share one scale
-            if node.op in _SHARE_SCALE and node.inputs[0].name in qparams and node.outputs[0].name in qparams:
-                qparams[node.outputs[0].name] = qparams[node.inputs[0].name]
-        stats = {"nodes_quantized": 0, "activations_quantized": 0, "activations_folded": len(fold_act),
+        stats = {"nodes_quantized": 0, "activations_quantized": 0, "activations_folded": len(fold),
                  "weights_quantized": 0, "bias_scales_raised": 0}
-        in_scales = {id(n): qparams[n.inputs[0].name][0] for n in nodes
+        in_scales = {n.name: qparams[n.inputs[0].name][0] for n in nodes
                      if n.op in _COMPUTE_OPS and n.inputs[0].name in qparams}
         # Q/DQ on activations: every consumer reads the dequantized value.
         for name, t in tensors.items():
+            if name not in qparams:
+                continue
             scale, zp = qparams[name]
             s_t = tensor_from_array(model.unique_name(name + "_scale"), np.array(scale, np.float32))
             z_t = tensor_from_array(model.unique_name(name + "_zero_point"), np.array(zp, dtype=self._act_dtype()))
@@ -832,16 +878,51 @@ class QuantizeInt8(Pass):
             stats["activations_quantized"] += 1
         # Weights (per channel) and bias (int32, scale = input scale x weight scale).
         for node in nodes:
-            if node.op not in _COMPUTE_OPS:
-                continue
-            self._quantize_weights(model, node, in_scales.get(id(node)), per_channel, stats)
-            stats["nodes_quantized"] += 1
+            if node.op in _COMPUTE_OPS:
+                self._quantize_weights(model, node, in_scales.get(node.name), per_channel, stats)
+                stats["nodes_quantized"] += 1
         model.invalidate()
-        stats.update(self._preflight(proto, compute, ctx, warnings))
-        return PassResult(model, True, stats, skipped, warnings)
+        return stats
+
+    def _sensitivity_fallback(self, plan: dict, ctx: PassContext, per_channel: bool, skipped: list,
+                              stats: dict) -> set[str]:
+        """Keep the fewest compute nodes in float that bring the outputs' cosine to ``target_cosine``:
+        measure each node alone (the model with only that node in float), then exclude the most
+        sensitive first, verifying each step end to end."""
+        from onnxslim_kit.parity import ParityChecker
+
+        checker = ParityChecker(plan["proto"], ctx.calibration)
+        target = Tolerance(min_cosine=self.target_cosine)
+
+        def cosine(excluded: set[str]) -> float:
+            trial = Model.from_proto(plan["proto"])
+            self._apply(trial, plan, excluded, per_channel)
+            report = checker.check(trial.to_proto(value_info="drop"), target)
+            return min((m.cosine for m in report.outputs), default=0.0) if not report.error else 0.0
+
+        full = cosine(set())
+        stats["cosine_all_int8"] = round(full, 6)
+        if full >= self.target_cosine:
+            return set()
+        gain = {name: cosine({name}) for name in ctx.track(plan["compute"], "sensitivity")}
+        excluded: set[str] = set()
+        reached = full
+        for name in sorted(gain, key=lambda n: -gain[n]):
+            excluded.add(name)
+            reached = cosine(excluded)
+            skipped.append((name, f"kept in float by the sensitivity fallback (cosine {gain[name]:.5f} with only "
+                                  f"this node in float, {full:.5f} with none)"))
+            if reached >= self.target_cosine:
+                break
+        stats["nodes_kept_float"] = len(excluded)
+        stats["cosine_after_fallback"] = round(reached, 6)
+        if reached < self.target_cosine:
+            skipped.append(("quantize-int8", f"target_cosine {self.target_cosine} not reachable: {reached:.6f} with "
+                                             f"every compute node in float (Add/pool/Concat stay quantized)"))
+        return excluded
 
     @staticmethod
-    def _preflight(proto, compute: list[gs.Node], ctx: PassContext, warnings: list[str]) -> dict:
+    def _preflight(proto, compute: list[str], ctx: PassContext, warnings: list[str]) -> dict:
         """What share of the model's MACs now runs in int8, and whether the CPU has int8 dot products."""
         from onnxslim_kit.metrics import model_stats
         from onnxslim_kit.runtime import cpu_int8_dot_product
@@ -849,7 +930,7 @@ class QuantizeInt8(Pass):
         out = {}
         try:
             stats = model_stats(proto, ctx.input_shapes)
-            names = {n.name for n in compute}
+            names = set(compute)
             int8 = sum(m for name, m in stats.macs_per_node.items() if name in names)
             if stats.macs:
                 out["int8_mac_share"] = round(int8 / stats.macs, 4)

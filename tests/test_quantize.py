@@ -355,3 +355,27 @@ def test_quantize_dynamic_embedding_gather_stored_int8():
     ids = r.integers(0, 500, size=(3, 7)).astype(np.int64)
     ref, got = run_model(proto, {"ids": ids})[0], run_model(out, {"ids": ids})[0]
     assert np.abs(ref - got).max() <= np.abs(table).max() / 127 / 2 + 1e-6  # half a quantization step
+
+
+@pytest.mark.slow
+def test_quantize_int8_sensitivity_fallback_keeps_fewest_layers_in_float():
+    src, calib = MODELS / "resnet_tiny.onnx", MODELS / "resnet_tiny.calib.npz"
+    _, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:target_cosine=0.5"], calibration=calib)
+    rec = report.passes[1]
+    full = rec.stats["cosine_all_int8"]
+    assert "nodes_kept_float" not in rec.stats and not any("sensitivity" in r for _, r in rec.skipped)
+    target = full + (1 - full) * 0.3
+    _, report = onnxslim_kit.optimize(src, passes=["cleanup", f"quantize-int8:target_cosine={target}"],
+                                      calibration=calib)
+    rec = report.passes[1]
+    kept = rec.stats["nodes_kept_float"]
+    assert 1 <= kept < rec.stats["nodes_quantized"] + kept
+    assert rec.stats["cosine_after_fallback"] >= target
+    assert sum("sensitivity fallback" in r for _, r in rec.skipped) == kept
+    assert min(o.cosine for o in report.parity.outputs) >= target - 1e-6  # the gate measured it too
+
+
+def test_quantize_int8_sensitivity_fallback_says_when_target_is_unreachable():
+    _, report = onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", "quantize-int8:target_cosine=1.0"])
+    rec = report.passes[1]
+    assert any("not reachable" in r for _, r in rec.skipped)
