@@ -20,7 +20,7 @@ from .errors import InputError
 _REGISTRY: dict[str, type] = {}
 
 # Modules under passes/ that register built-in passes when imported.
-BUILTIN_PASS_MODULES = ("passes.cleanup", "passes.simplify", "passes.quantize")
+BUILTIN_PASS_MODULES = ("passes.cleanup", "passes.simplify", "passes.quantize", "passes.lowrank")
 
 
 def register_pass(cls: type) -> type:
