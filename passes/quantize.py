@@ -811,12 +811,14 @@ class QuantizeInt8(Pass):
         pairs: dict[str, gs.Node] = {}
         if self.activation_type != "uint8":
             return pairs
+        outer = model.outer_scope_names()  # values read by subgraphs are not quantized: Relu must stay
         for node in nodes:
             if node.op not in _COMPUTE_OPS + ("Add",):  # residual Add -> Relu folds like Conv -> Relu
                 continue
             users = model.consumers(node.outputs[0])
             if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
-                    not model.is_graph_output(node.outputs[0]) and self._clip_low_is_zero(model, users[0]):
+                    not model.is_graph_output(node.outputs[0]) and self._clip_low_is_zero(model, users[0]) \
+                    and users[0].outputs[0].name not in outer and node.outputs[0].name not in outer:
                 pairs[node.name] = users[0]
         return pairs
 
