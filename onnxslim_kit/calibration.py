@@ -28,7 +28,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -338,6 +340,11 @@ def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
+# What a corrupted .npy/.npz can raise from zipfile, zlib or numpy's header parser.
+_CORRUPT = (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, zlib.error, struct.error,
+            KeyError, SyntaxError, UnicodeDecodeError)
+
+
 def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{name: (shape, dtype)}`` of a .npz (or ``{"": ...}`` of a .npy) without loading the data."""
     label = os.fspath(path)
@@ -355,7 +362,7 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             return {"": _npy_header(fh)}
     except FileNotFoundError:
         raise InputError(f"{label}: calibration file not found") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except _CORRUPT as exc:
         raise InputError(f"{label}: not a readable numpy file ({exc})") from None
 
 
@@ -369,7 +376,7 @@ def _np_load(path: Path, **kwargs) -> Any:
         if "pickle" in str(exc).lower():
             raise InputError(f"{label}: holds Python objects: pickled data refused") from None
         raise InputError(f"{label}: not a readable numpy file ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+    except _CORRUPT as exc:
         raise InputError(f"{label}: not a readable numpy file ({exc})") from None
 
 
@@ -383,6 +390,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 if "pickle" in str(exc).lower():
                     raise InputError(f"{path}: '{key}' holds Python objects: pickled data refused") from None
                 raise InputError(f"{path}: '{key}' is not readable ({exc})") from None
+            except _CORRUPT as exc:
+                raise InputError(f"{path}: '{key}' is not readable ({type(exc).__name__}: {exc})") from None
         return out
 
 

@@ -103,6 +103,25 @@ def check_opset(model: onnx.ModelProto, label: str) -> None:
                          f"installed onnx {onnx.__version__} / onnxruntime)")
 
 
+def _check_text_fields(proto: onnx.ModelProto, label: str) -> None:
+    """Corrupted files can parse with names or op types that are not valid UTF-8 (protobuf then hands
+    out bytes): refuse them here instead of failing somewhere deep inside a pass."""
+    for g in _graph_protos(proto.graph):
+        fields = [vi.name for vi in list(g.input) + list(g.output)] + [t.name for t in g.initializer]
+        for node in g.node:
+            fields += [node.op_type, node.domain, node.name, *node.input, *node.output]
+            for attr in node.attribute:
+                fields.append(attr.name)
+                if attr.type == onnx.AttributeProto.STRING:
+                    try:
+                        attr.s.decode("utf-8")
+                    except UnicodeDecodeError:
+                        fields.append(attr.s)
+        for value in fields:
+            if not isinstance(value, str):
+                raise InputError(f"{label}: not a valid ONNX model (corrupted text field {value[:40]!r})")
+
+
 def default_opset(model: onnx.ModelProto) -> int | None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -129,6 +148,7 @@ def load_proto(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise InputError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
         raise InputError(f"{label}: not a valid ONNX model (no graph, IR version or opset)")
+    _check_text_fields(proto, label)
     check_opset(proto, label)
     base_dir = str(p.resolve().parent)
     check_external_data(proto, base_dir, label)
