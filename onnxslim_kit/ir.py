@@ -104,22 +104,30 @@ def check_opset(model: onnx.ModelProto, label: str) -> None:
 
 
 def _check_text_fields(proto: onnx.ModelProto, label: str) -> None:
-    """Corrupted files can parse with names or op types that are not valid UTF-8 (protobuf then hands
-    out bytes): refuse them here instead of failing somewhere deep inside a pass."""
-    for g in _graph_protos(proto.graph):
-        fields = [vi.name for vi in list(g.input) + list(g.output)] + [t.name for t in g.initializer]
-        for node in g.node:
-            fields += [node.op_type, node.domain, node.name, *node.input, *node.output]
-            for attr in node.attribute:
-                fields.append(attr.name)
-                if attr.type == onnx.AttributeProto.STRING:
-                    try:
-                        attr.s.decode("utf-8")
-                    except UnicodeDecodeError:
-                        fields.append(attr.s)
-        for value in fields:
-            if not isinstance(value, str):
-                raise InputError(f"{label}: not a valid ONNX model (corrupted text field {value[:40]!r})")
+    """Corrupted files can parse with names, op types or dims that are not valid UTF-8 (protobuf then
+    hands out bytes): refuse them here instead of failing somewhere deep inside a pass."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [proto]
+    while stack:
+        msg = stack.pop()
+        for field, value in msg.ListFields():
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else \
+                field.label == FieldDescriptor.LABEL_REPEATED
+            if field.type == FieldDescriptor.TYPE_STRING:
+                for item in (value if repeated else [value]):
+                    if not isinstance(item, str):
+                        raise InputError(f"{label}: not a valid ONNX model (corrupted text {item[:40]!r})")
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(value if repeated else [value])
+        if isinstance(msg, onnx.NodeProto) and not any(msg.output):
+            raise InputError(f"{label}: not a valid ONNX model (node '{msg.name or msg.op_type}' has no outputs)")
+        if isinstance(msg, onnx.AttributeProto) and msg.type == onnx.AttributeProto.STRING:
+            try:
+                msg.s.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{label}: not a valid ONNX model (corrupted attribute text {msg.s[:40]!r})") \
+                    from None
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -132,6 +132,8 @@ def _known(dims) -> bool:
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
     """Multiply-accumulates of one node; 0 for ops that are not counted; None when shapes are unknown."""
     op = node.op_type
+    if not node.input or not node.output:
+        return None
     if op in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):
         w_index = 3 if op == "QLinearConv" else 1
         out = shapes.get(node.output[0])
