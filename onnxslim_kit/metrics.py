@@ -17,7 +17,7 @@ import onnx
 from . import runtime
 from .calibration import DEFAULT_BATCH, DEFAULT_SYMBOLIC_DIM
 from .ir import iter_model_tensors, load_proto
-from .shapes import infer_shapes, input_dims, pin_input_shapes
+from .shapes import infer_shapes, input_dims, light_copy, pin_input_shapes
 
 
 @dataclass
@@ -75,8 +75,10 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
         dims = input_dims(vi)
         if vi.name not in pinned and dims and not all(isinstance(d, int) for d in dims):
             assumed[vi.name] = _default_dims(dims)
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(pin_input_shapes(model, {**assumed, **pinned}) if (assumed or pinned) else model)
+    # Shapes only: work on a copy without the weight payloads (big initializers become typed inputs).
+    shaped = light_copy(model)
+    if assumed or pinned:
+        shaped = pin_input_shapes(shaped, {**assumed, **pinned})
     for out in shaped.graph.output:  # declared output shapes may be symbolic or wrong: infer them
         out.type.tensor_type.ClearField("shape")
     inferred = infer_shapes(shaped, outputs=True)

@@ -28,7 +28,7 @@ def _tensor_nbytes(t: TensorProto) -> int:
     return 8 * (len(t.float_data) + len(t.int64_data) + len(t.int32_data) + len(t.double_data))
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy the model without big initializer payloads (they become typed graph inputs)."""
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
@@ -57,7 +57,7 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
 
     Declared graph-output types are kept unless ``outputs`` is true (then the inferred ones replace
     them: declarations can be wrong, FIELD-NOTES 5)."""
-    light = _light_copy(model)
+    light = light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=strict,
                                                      data_prop=data_prop)
