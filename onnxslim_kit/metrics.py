@@ -131,9 +131,15 @@ def _known(dims) -> bool:
     return dims is not None and len(dims) > 0 and all(isinstance(d, int) for d in dims)
 
 
+_COUNTED = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", "MatMulInteger",
+                      "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gemm"})
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
     """Multiply-accumulates of one node; 0 for ops that are not counted; None when shapes are unknown."""
     op = node.op_type
+    if op not in _COUNTED:
+        return 0  # Constant, elementwise, data movement: not counted (and never "unresolved")
     if not node.input or not node.output:
         return None
     if op in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):

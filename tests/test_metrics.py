@@ -135,3 +135,16 @@ def test_metrics_node_macs_zero_for_uncounted_ops_and_none_without_shapes():
     mm = helper.make_node("MatMul", ["a", "w"], ["b"])
     assert node_macs(mm, {"a": [1, "s", 4], "b": [1, "s", 3]}) is None
     assert node_macs(mm, {"a": [2, 3, 4], "b": [2, 3, 5]}) == 2 * 3 * 5 * 4
+
+
+def test_metrics_constant_nodes_are_never_unresolved():
+    # a Constant has no inputs: it costs no MACs and must not be listed as unresolved
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="c_const", value=numpy_helper.from_array(np.ones(4, np.float32))),
+        helper.make_node("Add", ["x", "c"], ["y"], name="add"),
+    ]
+    model = _checked(make_model(nodes, [("x", FLOAT, [2, 4])], [("y", FLOAT, [2, 4])]))
+    stats = model_stats(model)
+    assert stats.unresolved == [] and stats.macs == 0 and stats.params == 4
+    x = rng(6).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_model(model, {"x": x})[0], x + 1, atol=1e-6)
