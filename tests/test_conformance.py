@@ -22,6 +22,9 @@ def test_conformance_cleanup_keeps_every_backend_case_passing():
     # cases are covered
     converted = {c.name for c in conformance._load_cases(("pytorch-converted",))}
     assert len(converted & names) >= 20
+    # the light CNNs (AlexNet, ResNet-50, DenseNet-121, Inception, ...) of the 'real' kind all run and pass
+    light = {c.name for c in conformance._load_cases(("real",)) if c.url and c.url.startswith(conformance.LIGHT_PREFIX)}
+    assert len(light) >= 9 and light <= names, light - names
     assert {"test_identity_opt", "test_if_opt", "test_ai_onnx_ml_label_encoder_tensor_mapping"} <= names
 
 

@@ -4,7 +4,8 @@ outputs that ship with the onnx package.
     python tools/conformance.py [--passes cleanup] [--limit N] [--sample N --seed S] [--json out.json]
 
 Cases: the ~1,900 single-op node tests built in memory by onnx.backend.test.loader, plus the model
-folders under onnx/backend/test/data (pytorch-converted, pytorch-operator, simple). For every case
+folders under onnx/backend/test/data (pytorch-converted, pytorch-operator, simple, and the
+light CNNs of the 'real' kind: AlexNet, ResNet-50, DenseNet-121, ...). For every case
 that onnxruntime runs as given and reproduces the expected outputs for, the pipeline is applied and the
 result must reproduce them too, within the case's own rtol/atol. Prints passed / skipped (by reason) /
 failed; failed must be 0.
@@ -35,7 +36,8 @@ from onnxslim_kit.pass_base import PassContext  # noqa: E402
 from onnxslim_kit.pipeline import Pipeline  # noqa: E402
 from onnxslim_kit.runtime import make_session  # noqa: E402
 
-MODEL_KINDS = ("pytorch-converted", "pytorch-operator", "simple")
+MODEL_KINDS = ("pytorch-converted", "pytorch-operator", "simple", "real")
+LIGHT_PREFIX = "onnx/backend/test/data/light/"
 
 
 @dataclass
@@ -69,6 +71,8 @@ def _case_model_and_data(case):
     if case.model is not None:
         return case.model, [(list(i), list(o)) for i, o in case.data_sets]
     if case.model_dir is None:
+        if case.url and case.url.startswith(LIGHT_PREFIX):
+            return _light_model_and_data(case)
         return None, []
     model = onnx.load(os.path.join(case.model_dir, "model.onnx"))
     sets = []
@@ -79,6 +83,23 @@ def _case_model_and_data(case):
                                             key=lambda p: int(Path(p).stem.split("_")[1]))]
         sets.append((ins, outs))
     return model, sets
+
+
+def _light_model_and_data(case):
+    """The 'real' kind's light models (real CNN topologies with stored weights shrunk): onnx's runner feeds
+    them deterministic dummy inputs and compares with <model>_output_<i>.pb; do exactly the same."""
+    from onnx.backend.test.runner import Runner
+
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
+                        os.path.basename(case.url))
+    model = onnx.load(path)
+    init = {t.name for t in model.graph.initializer}
+    ins = [Runner.generate_dummy_data(x, seed=0, name=case.model_name, random=False)
+           for x in model.graph.input if x.name not in init]
+    prefix = os.path.splitext(path)[0]
+    outs = [_read_pb(p) for p in sorted(glob.glob(prefix + "_output_*.pb"),
+                                        key=lambda p: int(Path(p).stem.rsplit("_", 1)[1]))]
+    return model, [(ins, outs)]
 
 
 def _value(x):
