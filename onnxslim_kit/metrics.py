@@ -8,6 +8,7 @@ nodes whose MACs could not be computed are listed in ``unresolved``.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -18,6 +19,8 @@ from . import runtime
 from .calibration import DEFAULT_BATCH, DEFAULT_SYMBOLIC_DIM
 from .ir import iter_model_tensors, load_proto
 from .shapes import infer_shapes, input_dims, light_copy, pin_input_shapes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +62,10 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,
-                *, file_bytes: int | None = None) -> ModelStats:
+                *, file_bytes: int | None = None, observe: bool = True) -> ModelStats:
+    """Stats of a model (proto or path). ``observe``: when shape inference leaves counted nodes
+    unresolved (e.g. a head dim computed by Div/Cast), run the model once in onnxruntime on seeded
+    random inputs of the pinned/assumed shapes and take the observed shapes of those nodes."""
     if not isinstance(model, onnx.ModelProto):
         path = os.fspath(model)
         model = load_proto(path)
@@ -101,6 +107,9 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
             unresolved.append(name)
         elif macs:
             macs_per_node[name] = macs
+    if unresolved and observe:
+        macs_per_node, unresolved = _resolve_by_running(model, inferred, shapes, {**assumed, **pinned},
+                                                        macs_per_node, unresolved)
     hist = collections.Counter(n.op_type for n in model.graph.node)
     return ModelStats(
         nodes=len(model.graph.node),
@@ -115,6 +124,50 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
         unresolved=unresolved,
         assumed_shapes=assumed,
     )
+
+
+def _resolve_by_running(model, inferred, shapes, feed_shapes, macs_per_node, unresolved):
+    from .calibration import input_specs, random_calibration
+
+    if runtime.model_bytes_estimate(model) >= runtime.PROTO_LIMIT:
+        return macs_per_node, unresolved
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    names = {(n.name or f"{n.op_type}_{i}"): n for i, n in enumerate(inferred.graph.node)}
+    wanted = []
+    known = shapes_known(shapes)
+    for name in unresolved:
+        for t in list(names[name].input) + list(names[name].output):
+            if t and t not in known and elem.get(t):
+                wanted.append(t)
+    wanted = list(dict.fromkeys(w for w in wanted if w not in {o.name for o in model.graph.output}))
+    if not wanted:
+        return macs_per_node, unresolved
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for t in wanted:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(t, elem[t], None))
+    try:
+        feed = next(iter(random_calibration(input_specs(model, feed_shapes), num_samples=1, seed=0)))
+        sess = runtime.make_session(probe, optimize=False, threads=1)
+        outs = sess.run(None, feed)
+    except Exception as exc:  # observation is best effort: keep the nodes listed as unresolved
+        logger.debug("could not observe shapes by running the model: %s", exc)
+        return macs_per_node, unresolved
+    observed = dict(shapes)
+    for meta, value in zip(sess.get_outputs(), outs):
+        observed[meta.name] = list(np.shape(value))
+    still = []
+    for name in unresolved:
+        macs = node_macs(names[name], observed)
+        if macs is None:
+            still.append(name)
+        elif macs:
+            macs_per_node[name] = macs
+    return macs_per_node, still
+
+
+def shapes_known(shapes: dict[str, list]) -> set[str]:
+    return {k for k, v in shapes.items() if _known(v)}
 
 
 def disk_bytes(path: str | os.PathLike) -> int:
