@@ -1,8 +1,11 @@
 """Model metrics: parameters, MACs per node and in total, bytes on disk, op histogram.
 
 MACs need shapes. Dynamic dims are resolved from pinned input shapes (``--input-shape``); dims
-still unknown take the defaults of random calibration data (batch 1, other symbolic dims 16), and
-nodes whose MACs could not be computed are listed in ``unresolved``.
+still unknown take the defaults of random calibration data (batch 1, other symbolic dims 16; listed
+in ``assumed_shapes``). Where onnx shape inference stops (dims computed by Div/Cast at run time, as
+in exported attention), the model is run once in onnxruntime on seeded random inputs of those shapes
+and the observed shapes are used; nodes whose MACs still cannot be computed are listed in
+``unresolved``.
 """
 
 from __future__ import annotations

@@ -108,8 +108,35 @@ def test_metrics_unresolved_when_dims_cannot_be_inferred():
     ]
     model = _checked(make_model(nodes, [("x", FLOAT, [2, 4]), ("shape", TensorProto.INT64, [2])],
                                 [("y", FLOAT, None)], [w]))
-    stats = model_stats(model)
+    stats = model_stats(model, observe=False)
     assert stats.unresolved == ["mm"] and stats.macs == 0
+
+
+def test_metrics_observes_shapes_that_inference_cannot_propagate():
+    # head dim = hidden / 2 computed by Div + Cast at run time: onnx data propagation stops there,
+    # one onnxruntime run on the pinned/assumed shapes resolves the attention MatMul
+    i64 = TensorProto.INT64
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shp"], name="shape"),
+        helper.make_node("Gather", ["shp", "two"], ["hidden"], name="g_hidden", axis=0),
+        helper.make_node("Cast", ["hidden"], ["hidden_f"], name="cast_f", to=TensorProto.FLOAT),
+        helper.make_node("Div", ["hidden_f", "heads_f"], ["hd_f"], name="div"),
+        helper.make_node("Cast", ["hd_f"], ["hd"], name="cast_i", to=i64),
+        helper.make_node("Unsqueeze", ["hd", "zero"], ["hd1"], name="unsq"),
+        helper.make_node("Concat", ["lead", "hd1"], ["new_shape"], name="concat", axis=0),
+        helper.make_node("Reshape", ["x", "new_shape"], ["xr"], name="reshape"),  # [B, S, 2, D/2]
+        helper.make_node("Transpose", ["xr"], ["q"], name="tq", perm=[0, 2, 1, 3]),  # [B, 2, S, D/2]
+        helper.make_node("Transpose", ["xr"], ["kt"], name="tk", perm=[0, 2, 3, 1]),  # [B, 2, D/2, S]
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+    ]
+    inits = [init("two", np.array(2, np.int64)), init("heads_f", np.array(2.0, np.float32)),
+             init("zero", np.array([0], np.int64)), init("lead", np.array([0, 0, 2], np.int64))]
+    model = _checked(make_model(nodes, [("x", FLOAT, ["B", "S", 8])], [("scores", FLOAT, None)], inits))
+    assert model_stats(model, observe=False).unresolved == ["qk"]
+    stats = model_stats(model, {"x": [1, 16, 8]})
+    assert stats.unresolved == [] and stats.macs_per_node == {"qk": 1 * 2 * 16 * 16 * 4}
+    x = rng(7).standard_normal((1, 16, 8)).astype(np.float32)
+    assert run_model(model, {"x": x})[0].shape == (1, 2, 16, 16)
 
 
 def test_metrics_file_bytes_include_external_data(tmp_path):
