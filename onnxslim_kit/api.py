@@ -146,13 +146,23 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, input_shapes: Any = N
     return model_stats(proto, _shapes(input_shapes), file_bytes=size)
 
 
+def _real_inputs(proto: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in proto.graph.initializer}
+    return [vi.name for vi in proto.graph.input if vi.name not in inits]
+
+
 def compare(a: str | os.PathLike | onnx.ModelProto, b: str | os.PathLike | onnx.ModelProto, *,
             calibration: Any = None, input_shapes: Any = None,
             tolerance: Tolerance | dict[str, float] | None = None, seed: int = 0, num_samples: int = 8,
             batch_size: int | None = None, progress: Progress | None = None) -> ParityReport:
     """Parity of model ``b`` against reference ``a`` on the same inputs (exact tolerance by default)."""
-    _, ref, _ = _load(a)
-    _, cand, _ = _load(b)
+    label_a, ref, _ = _load(a)
+    label_b, cand, _ = _load(b)
+    ref_inputs = _real_inputs(ref)
+    missing = [n for n in _real_inputs(cand) if n not in ref_inputs]
+    if missing:
+        raise InputError(f"{label_b}: needs input(s) {missing} that the reference {label_a} does not have "
+                         f"(reference inputs: {ref_inputs})")
     shapes = _shapes(input_shapes)
     data = _data(ref, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
     from .pass_base import EXACT

@@ -139,3 +139,13 @@ def test_api_compare_detects_different_model():
 def test_api_exports_and_version():
     assert callable(onnxslim_kit.optimize) and callable(onnxslim_kit.inspect) and callable(onnxslim_kit.compare)
     assert isinstance(onnxslim_kit.__version__, str) and onnxslim_kit.__version__[0].isdigit()
+
+
+def test_api_compare_refuses_models_with_different_inputs(tmp_path):
+    from builders import relu_chain
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(conv_bn_relu(), a)
+    onnx.save(relu_chain(2), b)
+    with pytest.raises(InputError, match=r"b\.onnx: needs input\(s\) \['t0'\]"):
+        onnxslim_kit.compare(a, b)
