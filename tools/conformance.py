@@ -192,7 +192,10 @@ def run_case(case, passes) -> CaseResult:
     if reason:
         return CaseResult(name, "skipped", "onnxruntime does not reproduce the expected outputs: " + reason)
     try:
-        optimized, _ = Pipeline.from_specs(list(passes)).run(Model.from_proto(model), PassContext())
+        if passes:
+            optimized, _ = Pipeline.from_specs(list(passes)).run(Model.from_proto(model), PassContext())
+        else:  # stage A: the IR round-trip alone (load into the graph IR and write back)
+            optimized = Model.from_proto(model)
         proto = optimized.to_proto()
     except Exception as exc:  # noqa: BLE001 - any exception from our code is a failure
         return CaseResult(name, "failed", f"optimizer raised {type(exc).__name__}: {exc}"[:300])
@@ -230,7 +233,8 @@ def summarize(results: list[CaseResult]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", nargs="+", default=["cleanup"], help="pass specs (default: cleanup)")
+    parser.add_argument("--passes", nargs="*", default=["cleanup"],
+                        help="pass specs (default: cleanup); '--passes' with none: IR round-trip only")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--sample", type=int, default=None, help="random sample of this many cases")
     parser.add_argument("--seed", type=int, default=0)
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
     summary = summarize(results)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     print(f"passed {summary['passed']}, skipped {summary['skipped']}, failed {summary['failed']} "
-          f"({len(results)} cases, {summary['seconds']} s, passes: {' '.join(args.passes)})")
+          f"({len(results)} cases, {summary['seconds']} s, passes: {' '.join(args.passes) or 'IR round-trip only'})")
     for reason, n in summary["skipped_by_reason"].items():
         print(f"  skipped {n:4d}: {reason}")
     for f in summary["failures"]:
