@@ -132,3 +132,20 @@ def test_field_note_10_external_data_model_cleaned(tmp_path):
     out, _ = _clean(Model.load(path))
     assert "BatchNormalization" not in [n.op_type for n in out.graph.node]
     assert_parity(proto, out, {"x": _x((1, 3, 8, 8))}, atol=1e-4)
+
+
+def test_field_note_3_shape_inference_failure_still_cleans(monkeypatch):
+    nodes = [helper.make_node("Identity", ["x"], ["x1"], name="id"),
+             helper.make_node("Mul", ["two", "two"], ["four"], name="const_mul"),
+             helper.make_node("Add", ["x1", "four"], ["y"], name="add")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 3])], [("y", FLOAT, ["N", 3])],
+                       [init("two", np.full(3, 2, np.float32))])
+
+    def fail(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] simulated failure")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fail)
+    out, _ = _clean(proto)
+    monkeypatch.undo()
+    assert [n.op_type for n in out.graph.node] == ["Add"]
+    assert_parity(proto, out, {"x": _x((2, 3))})
