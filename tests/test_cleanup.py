@@ -280,3 +280,32 @@ def test_cleanup_opsets(opset):
     assert rec.stats["batchnorms_folded"] == 1
     assert out.opset_import[0].version == opset
     assert_parity(proto, out, {"x": _x((2, 3, 8, 8))})
+
+
+def test_cleanup_result_independent_of_node_order_reversed_input():
+    proto = conv_bn_relu()
+    shuffled = onnx.ModelProto.FromString(proto.SerializeToString())
+    nodes = list(shuffled.graph.node)[::-1]
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(nodes)
+    out_a, _ = _run(proto)
+    out_b, _ = _run(shuffled)
+    assert [n.op_type for n in out_a.graph.node] == [n.op_type for n in out_b.graph.node]
+    assert "BatchNormalization" not in [n.op_type for n in out_b.graph.node]
+    x = rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert_parity(proto, out_b, {"x": x}, atol=1e-4)
+
+
+def test_cleanup_removes_identities_in_2000_node_chain():
+    nodes = []
+    prev = "x"
+    for i in range(1000):
+        nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
+        nodes.append(helper.make_node("Identity", [f"r{i}"], [f"i{i}"], name=f"id{i}"))
+        prev = f"i{i}"
+    nodes.append(helper.make_node("Relu", [prev], ["y"], name="last"))
+    proto = make_model(nodes, [("x", FLOAT, [2, 4])], [("y", FLOAT, [2, 4])])
+    out, rec = _run(proto)
+    assert len(out.graph.node) == 1001 and rec.modified
+    assert all(n.op_type == "Relu" for n in out.graph.node)
+    assert_parity(proto, out, {"x": rng(4).standard_normal((2, 4)).astype(np.float32)})
