@@ -111,14 +111,14 @@ def _check_text_fields(proto: onnx.ModelProto, label: str) -> None:
     stack = [proto]
     while stack:
         msg = stack.pop()
-        for field, value in msg.ListFields():
-            repeated = field.is_repeated if hasattr(field, "is_repeated") else \
-                field.label == FieldDescriptor.LABEL_REPEATED
-            if field.type == FieldDescriptor.TYPE_STRING:
+        for desc, value in msg.ListFields():
+            repeated = desc.is_repeated if hasattr(desc, "is_repeated") else \
+                desc.label == FieldDescriptor.LABEL_REPEATED
+            if desc.type == FieldDescriptor.TYPE_STRING:
                 for item in (value if repeated else [value]):
                     if not isinstance(item, str):
                         raise InputError(f"{label}: not a valid ONNX model (corrupted text {item[:40]!r})")
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            elif desc.type == FieldDescriptor.TYPE_MESSAGE:
                 stack.extend(value if repeated else [value])
         if isinstance(msg, onnx.NodeProto) and not any(msg.output):
             raise InputError(f"{label}: not a valid ONNX model (node '{msg.name or msg.op_type}' has no outputs)")
@@ -418,10 +418,20 @@ class Model:
         self.invalidate()
 
     # -- export --------------------------------------------------------------------------------
-    def to_proto(self, *, value_info: str = "infer") -> onnx.ModelProto:
+    def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
+        """Types and shapes of every value (onnx shape inference on the model as declared, no pinned
+        dims), computed on an export without weight payloads: passes call this on models of any size."""
+        from .shapes import value_infos  # local import: shapes imports ir
+
+        return value_infos(self.to_proto(value_info="drop", weights=False))
+
+    def to_proto(self, *, value_info: str = "infer", weights: bool = True) -> onnx.ModelProto:
         """Export. ``value_info``: 'keep' graphsurgeon's shapes, 'drop' intermediate annotations, or
-        'infer' (drop, then recompute with onnx shape inference; stale annotations break tools)."""
+        'infer' (drop, then recompute with onnx shape inference; stale annotations break tools).
+        ``weights=False``: large initializers are written as external-data stubs without payload (for
+        shape inference only; the result cannot run)."""
         patched = []
+        stubbed = [] if weights else _stub_large_constants(self.graph)
         for graph in _all_graphs(self.graph):
             _pack_string_constants(graph)
             if not self.meta.special_types:
@@ -437,6 +447,8 @@ class Model:
         finally:
             for t, kind, dtype in patched:
                 t.type, t.dtype = kind, dtype
+            for c, values in stubbed:
+                c._values = values
         if self.meta.special_types:
             _restore_special_types(proto.graph, self.meta.special_types)
         if self.meta.type_attrs:
@@ -521,6 +533,38 @@ def _all_graphs(graph: gs.Graph):
 
 
 all_graphs = _all_graphs
+
+
+STUB_BYTES = 1024
+
+
+def _stub_large_constants(graph: gs.Graph) -> list:
+    """Swap the values of constants above STUB_BYTES for payload-free TensorProtos (dims and type,
+    external location) so an export does not copy the weights; returns what to restore."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    swapped = []
+    for g in _all_graphs(graph):
+        for t in g.tensors(check_duplicates=False).values():
+            if not isinstance(t, gs.Constant) or t.dtype is None:
+                continue
+            values = t._values
+            try:
+                itemsize = np.dtype(t.dtype).itemsize
+            except TypeError:
+                continue
+            if int(np.prod(t.shape)) * itemsize <= STUB_BYTES:
+                continue
+            stub = onnx.TensorProto()
+            stub.name = t.name
+            stub.data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            stub.dims.extend(int(d) for d in t.shape)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", "<not written>"
+            t._values = LazyValues(stub)
+            swapped.append((t, values))
+    return swapped
 
 
 def _pack_string_constants(graph: gs.Graph) -> None:

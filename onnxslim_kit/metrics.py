@@ -21,7 +21,7 @@ import onnx
 from . import runtime
 from .calibration import DEFAULT_BATCH, DEFAULT_SYMBOLIC_DIM
 from .ir import iter_model_tensors, load_proto
-from .shapes import infer_shapes, input_dims, light_copy, pin_input_shapes
+from .shapes import infer_shapes, input_dims, light_copy, pin_input_shapes, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +145,7 @@ def _resolve_by_running(model, inferred, shapes, feed_shapes, macs_per_node, unr
     wanted = list(dict.fromkeys(w for w in wanted if w not in {o.name for o in model.graph.output}))
     if not wanted:
         return macs_per_node, unresolved
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for t in wanted:
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(t, elem[t], None))
+    probe = with_outputs(model, wanted, {vi.name: vi for vi in inferred.graph.value_info})
     try:
         feed = next(iter(random_calibration(input_specs(model, feed_shapes), num_samples=1, seed=0)))
         sess = runtime.make_session(probe, optimize=False, threads=1)

@@ -35,7 +35,7 @@ from .calibration import CalibrationData
 from .errors import InputError
 from .pass_base import Tolerance
 from .runtime import make_session
-from .shapes import infer_shapes
+from .shapes import elem_type, value_infos, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -426,21 +426,20 @@ class ParityChecker:
             logger.info("locate: the models share no intermediate tensor names")
             return None
         names = [n for n, _ in order]
-        ref_x = _expose(ref, names)
-        cand_x = _expose(cand, names)
+        ref_x = with_outputs(ref, names)
+        cand_x = with_outputs(cand, names)
         try:
             ref_sess = make_session(ref_x, optimize=False, threads=self.threads)
             cand_sess = make_session(cand_x, optimize=True, threads=self.threads)
         except Exception as exc:  # noqa: BLE001
             # Some tensors cannot be graph outputs (e.g. non-tensor types); keep the typed ones only.
             logger.info("locate: exposing all shared tensors failed (%s); retrying with typed ones", exc)
-            typed = _typed_tensor_names(ref) & _typed_tensor_names(cand)
-            names = [n for n in names if n in typed]
-            order = [(n, node) for n, node in order if n in typed]
+            ref_info, cand_info = value_infos(ref), value_infos(cand)
+            names = [n for n in names if elem_type(ref_info, n) and elem_type(cand_info, n)]
+            order = [(n, node) for n, node in order if n in set(names)]
             try:
-                ref_sess = make_session(_expose(ref, names, typed_only=True), optimize=False,
-                                        threads=self.threads)
-                cand_sess = make_session(_expose(cand, names, typed_only=True), optimize=True,
+                ref_sess = make_session(with_outputs(ref, names, ref_info), optimize=False, threads=self.threads)
+                cand_sess = make_session(with_outputs(cand, names, cand_info), optimize=True,
                                          threads=self.threads)
             except Exception as exc2:  # noqa: BLE001
                 logger.warning("locate: cannot expose intermediate tensors (%s)", exc2)
@@ -470,37 +469,6 @@ class ParityChecker:
             if not metrics.ok:
                 return LocateResult(node.name, node.op_type, n, metrics, len(order))
         return None
-
-
-def _typed_tensor_names(model: onnx.ModelProto) -> set[str]:
-    inferred = infer_shapes(model)
-    out = set()
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            out.add(vi.name)
-    return out
-
-
-def _expose(model: onnx.ModelProto, names: list[str], *, typed_only: bool = False) -> onnx.ModelProto:
-    """Copy of ``model`` with ``names`` added as graph outputs (typed from shape inference when known,
-    else untyped: onnxruntime infers the type)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    types: dict[str, onnx.TypeProto] = {}
-    if typed_only:
-        inferred = infer_shapes(model)
-        for vi in inferred.graph.value_info:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                types[vi.name] = vi.type
-    for name in names:
-        if name in existing:
-            continue
-        vi = out.graph.output.add()
-        vi.name = name
-        if name in types:
-            vi.type.tensor_type.elem_type = types[name].tensor_type.elem_type
-    return out
 
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: CalibrationData,

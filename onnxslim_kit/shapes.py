@@ -79,6 +79,41 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
     return out
 
 
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every value's inferred type and shape by name (graph inputs, outputs, intermediates and
+    initializers), from :func:`infer_shapes` with inferred output types."""
+    inferred = infer_shapes(model, outputs=True)
+    out = {t.name: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+           for t in inferred.graph.initializer}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        out[vi.name] = vi
+    return out
+
+
+def elem_type(infos: dict[str, onnx.ValueInfoProto], name: str) -> int:
+    """The tensor element type of ``name`` (0 when unknown)."""
+    vi = infos.get(name)
+    return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
+
+
+def with_outputs(model: onnx.ModelProto, names, infos: dict[str, onnx.ValueInfoProto] | None = None
+                 ) -> onnx.ModelProto:
+    """Copy of ``model`` that also outputs ``names`` (typed from ``infos`` where known; untyped
+    otherwise, onnxruntime infers the type). How calibration, parity and metrics read intermediates."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
+    for name in names:
+        if name in existing:
+            continue
+        vi = out.graph.output.add()
+        vi.name = name
+        if infos and elem_type(infos, name):
+            vi.type.tensor_type.elem_type = elem_type(infos, name)
+        existing.add(name)
+    return out
+
+
 _SHAPE_RE = re.compile(r"^(?P<name>.+):(?P<dims>-?\d+(?:,-?\d+)*)$")
 
 

@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult
 from onnxslim_kit.registry import get_pass, register_pass
+from onnxslim_kit.shapes import elem_type
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +55,12 @@ def _has_subgraph(node: gs.Node) -> bool:
 def _static_shapes(model: Model) -> dict[str, list[int | None]]:
     """Shapes from onnx shape inference on the model as declared (no pinned dims: folding must stay
     valid for every input size the model accepts)."""
-    from onnxslim_kit.shapes import infer_shapes
-
-    proto = infer_shapes(model.to_proto(value_info="drop"))
     shapes: dict[str, list[int | None]] = {}
-    for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output):
+    for name, vi in model.value_infos().items():
         tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                               for d in tt.shape.dim]
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                            for d in tt.shape.dim]
     return shapes
 
 
@@ -238,7 +236,7 @@ class RemoveIdentity(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         doomed: list[gs.Node] = []
-        types = None
+        infos = None
         for node in list(model.nodes):
             if node.op == "Identity":
                 pass
@@ -253,10 +251,9 @@ class RemoveIdentity(Pass):
                         skipped.append((_label(node), "Dropout training_mode is not constant false"))
                         continue
             elif node.op == "Cast":
-                if types is None:
-                    types = _elem_types(model)
-                to = int(node.attrs.get("to", 0))
-                if types.get(node.inputs[0].name) != to:
+                if infos is None:
+                    infos = model.value_infos()
+                if elem_type(infos, node.inputs[0].name) != int(node.attrs.get("to", 0)):
                     continue
             else:
                 continue
@@ -273,17 +270,6 @@ class RemoveIdentity(Pass):
         return PassResult(model, bool(doomed), {"identities_removed": len(doomed)}, skipped)
 
 
-def _elem_types(model: Model) -> dict[str, int]:
-    from onnxslim_kit.shapes import infer_shapes
-
-    proto = infer_shapes(model.to_proto(value_info="drop"))
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)}
-    for t in proto.graph.initializer:
-        types[t.name] = t.data_type
-    return types
-
-
 # ----------------------------------------------------------------------------------------------
 # fold-batchnorm
 # ----------------------------------------------------------------------------------------------
@@ -298,29 +284,30 @@ class FoldBatchNorm(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         folded = 0
-        self._shapes = None  # per-run cache, filled on first need
+        shapes: dict[str, list[int | None]] = {}  # filled on first need (one shape inference per run)
         for bn in list(model.nodes):
             if bn.op != "BatchNormalization" or bn not in model.nodes:
                 continue
             prod = model.producer(bn.inputs[0])
             if prod is None or prod.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 continue
-            reason = self._fold(model, prod, bn)
+            reason = self._fold(model, prod, bn, shapes)
             if reason:
                 skipped.append((_label(bn), reason))
             else:
                 folded += 1
         return PassResult(model, folded > 0, {"batchnorms_folded": folded}, skipped)
 
-    def _rank(self, model: Model, tensor: gs.Tensor) -> int | None:
+    @staticmethod
+    def _rank(model: Model, tensor: gs.Tensor, shapes: dict) -> int | None:
         if tensor.shape is not None:
             return len(tensor.shape)
-        if self._shapes is None:
-            self._shapes = _static_shapes(model)
-        dims = self._shapes.get(tensor.name)
+        if not shapes:
+            shapes.update(_static_shapes(model))
+        dims = shapes.get(tensor.name)
         return None if dims is None else len(dims)
 
-    def _fold(self, model: Model, prod: gs.Node, bn: gs.Node) -> str:
+    def _fold(self, model: Model, prod: gs.Node, bn: gs.Node, shapes: dict) -> str:
         if int(bn.attrs.get("training_mode", 0)):
             return "BatchNormalization in training mode"
         if any(t.name and (model.consumers(t) or model.is_graph_output(t)) for t in bn.outputs[1:]):
@@ -362,7 +349,7 @@ class FoldBatchNorm(Pass):
             per = np.repeat(scale.reshape(group, -1), w.shape[0] // group, axis=0)
             new_w = w * per.reshape(per.shape + (1,) * (w.ndim - 2))
         else:
-            if prod.op == "MatMul" and self._rank(model, bn.inputs[0]) != 2:
+            if prod.op == "MatMul" and self._rank(model, bn.inputs[0], shapes) != 2:
                 return "MatMul output is not known to be 2-D [batch, features]"
             if prod.op == "Gemm":
                 if float(prod.attrs.get("alpha", 1.0)) != 1.0 or float(prod.attrs.get("beta", 1.0)) != 1.0:

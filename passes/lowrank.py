@@ -164,19 +164,11 @@ class LowRankSVD(Pass):
 
     def _grams(self, model: Model, candidates, ctx: PassContext) -> dict[str, np.ndarray]:
         """X^T X of every candidate's input over the calibration data, streamed (no activation storage)."""
-        import onnx
-
         from onnxslim_kit.runtime import make_session
-        from onnxslim_kit.shapes import infer_shapes
+        from onnxslim_kit.shapes import with_outputs
 
         names = sorted({node.inputs[0].name for node, _ in candidates})
-        proto = model.to_proto(value_info="drop")
-        types = {vi.name: vi for vi in infer_shapes(proto).graph.value_info}
-        known = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-        for name in names:
-            if name not in known:
-                proto.graph.output.append(types.get(name) or onnx.helper.make_tensor_value_info(
-                    name, onnx.TensorProto.FLOAT, None))
+        proto = with_outputs(model.to_proto(value_info="drop"), names, model.value_infos())
         sess = make_session(proto, optimize=False)
         index = {o.name: i for i, o in enumerate(sess.get_outputs())}
         feeds_index = {i.name for i in sess.get_inputs()}

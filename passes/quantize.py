@@ -19,10 +19,12 @@ from typing import Literal
 import ml_dtypes  # ships with onnx: numpy dtypes for int4/int2
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
 from onnxslim_kit.ir import Model, tensor_from_array
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
+from onnxslim_kit.shapes import elem_type, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -438,18 +440,15 @@ class Fp16(Pass):
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from onnxslim_kit.shapes import infer_shapes
-
-        types = {vi.name: vi.type.tensor_type.elem_type
-                 for vi in _value_infos(infer_shapes(model.to_proto(value_info="drop")))}
-        f32 = 1
+        infos = model.value_infos()
 
         def is_f32(t: gs.Tensor) -> bool:
             if isinstance(t, gs.Constant):
                 return np.asarray(t.values).dtype == np.float32
             if model.constant_value(t) is not None:
                 return model.constant_value(t).dtype == np.float32
-            return types.get(t.name) == f32 or (t.dtype is not None and np.dtype(t.dtype) == np.float32)
+            return elem_type(infos, t.name) == TensorProto.FLOAT or \
+                (t.dtype is not None and np.dtype(t.dtype) == np.float32)
 
         outer = model.outer_scope_names()
         skipped: list[tuple[str, str]] = []
@@ -510,7 +509,7 @@ class Fp16(Pass):
                 reason = "has a subgraph (control flow kept in float32)"
             elif any(t.name in outer for t in node.outputs):
                 reason = "output is read inside a subgraph"
-            elif any(t.name and t.dtype is None and t.name not in types and model.constant_value(t) is None
+            elif any(t.name and t.dtype is None and not elem_type(infos, t.name) and model.constant_value(t) is None
                      for t in node.inputs):
                 reason = "an input's dtype is unknown"
             elif node.op in ("Cast", "CastLike") or node.op in _TYPE_AGNOSTIC_INPUTS:
@@ -547,11 +546,6 @@ class Fp16(Pass):
         return PassResult(model, stats["nodes_fp16"] > 0, stats, skipped, warnings)
 
 
-def _value_infos(proto):
-    g = proto.graph
-    return list(g.input) + list(g.output) + list(g.value_info)
-
-
 # ----------------------------------------------------------------------------------------------
 # quantize-int8: static QDQ
 # ----------------------------------------------------------------------------------------------
@@ -571,21 +565,10 @@ class _RangeCollector:
 
     BINS = 2048
 
-    def __init__(self, model_proto, names: list[str], data, track, method: str, percentile: float):
+    def __init__(self, model_proto, names: list[str], infos, data, track, method: str, percentile: float):
         from onnxslim_kit.runtime import make_session
-        from onnxslim_kit.shapes import infer_shapes
 
-        import onnx as _onnx
-
-        aug = _onnx.ModelProto()
-        aug.CopyFrom(model_proto)
-        known = {o.name for o in aug.graph.output}
-        types = {vi.name: vi for vi in infer_shapes(aug).graph.value_info}
-        for name in names:
-            if name not in known:
-                vi = types.get(name) or _onnx.helper.make_tensor_value_info(name, _onnx.TensorProto.FLOAT, None)
-                aug.graph.output.append(vi)
-        self.session = make_session(aug, optimize=False)
+        self.session = make_session(with_outputs(model_proto, names, infos), optimize=False)
         self.names = names
         self.data = data
         self.track = track
@@ -596,7 +579,7 @@ class _RangeCollector:
         index = {o.name: i for i, o in enumerate(self.session.get_outputs())}
         for feed in self.track(self.data, label):
             outs = self.session.run(None, feed)
-            yield {n: outs[index[n]] for n in self.names}
+            yield {n: outs[index[n]] if n in index else feed[n] for n in self.names}  # graph inputs: the feed
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         lo = {n: np.inf for n in self.names}
@@ -754,16 +737,13 @@ class QuantizeInt8(Pass):
 
     def _plan(self, model: Model, ctx: PassContext, skipped: list) -> dict | None:
         """Which nodes and tensors to quantize, with calibrated quantization parameters, by name."""
-        from onnxslim_kit.shapes import infer_shapes
-
         compute = self._select(model, skipped)
         if not compute:
             return None
-        inferred = infer_shapes(model.to_proto(value_info="drop"))
-        types = {vi.name: vi.type.tensor_type.elem_type for vi in _value_infos(inferred)}
+        infos = model.value_infos()
 
         def is_float(t: gs.Tensor) -> bool:
-            return types.get(t.name) == 1
+            return elem_type(infos, t.name) == TensorProto.FLOAT
 
         kept = []
         for n in compute:
@@ -794,7 +774,7 @@ class QuantizeInt8(Pass):
         plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": None}
         tensors = self._tensors(model, nodes, self._fold_pairs(model, nodes))
         plan["proto"] = model.to_proto(value_info="drop")
-        collector = _RangeCollector(plan["proto"], sorted(tensors), ctx.calibration, ctx.track, self.calibration,
+        collector = _RangeCollector(plan["proto"], sorted(tensors), infos, ctx.calibration, ctx.track, self.calibration,
                                     self.percentile)
         ranges = collector.ranges()
         del collector

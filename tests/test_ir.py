@@ -237,3 +237,16 @@ def test_ir_export_keeps_local_functions_and_node_doc_strings():
     assert {(o.domain, o.version) for o in out.opset_import} >= {("", 17), ("custom.ns", 1)}
     assert out.graph.node[0].doc_string == "swish here"
     assert_parity(proto, out, {"x": np.linspace(-2, 2, 6, dtype=np.float32).reshape(2, 3)})
+
+
+def test_ir_weight_free_export_for_shape_inference_keeps_weights_intact():
+    model = Model.from_proto(conv_bn_relu(channels=64))  # conv.w 6.9 kB: stubbed
+    light = model.to_proto(value_info="drop", weights=False)
+    stub = next(t for t in light.graph.initializer if t.name == "conv.w")
+    assert stub.data_location == onnx.TensorProto.EXTERNAL and not stub.raw_data
+    infos = model.value_infos()
+    dims = [d.dim_value or d.dim_param for d in infos["conv_out"].type.tensor_type.shape.dim]
+    assert dims == ["N", 64, 8, 8]
+    full = model.to_proto()  # the real weights are back after the stubbed export
+    onnx.checker.check_model(full, full_check=True)
+    assert next(t for t in full.graph.initializer if t.name == "conv.w").raw_data
