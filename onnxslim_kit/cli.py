@@ -10,7 +10,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from typing import Iterable
 
 import click
@@ -228,24 +227,13 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
     from .calibration import input_specs, random_calibration
     from .ir import load_proto
     from .report import table
-    from .runtime import make_session
+    from .runtime import time_sessions
 
     shapes = _shapes(list(input_shapes))
-    protos = [load_proto(m) for m in models]
-    feed = next(iter(random_calibration(input_specs(protos[0], shapes), num_samples=1, seed=seed)))
-    times: dict[int, list[float]] = {i: [] for i in range(len(models))}
-    for _ in range(rounds):
-        for i, proto in enumerate(protos):
-            sess = make_session(proto, threads=threads)
-            names = {inp.name for inp in sess.get_inputs()}
-            this_feed = {k: v for k, v in feed.items() if k in names}
-            for _ in range(warmup):
-                sess.run(None, this_feed)
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                sess.run(None, this_feed)
-                times[i].append(time.perf_counter() - t0)
-            del sess
+    for m in models[1:]:
+        load_proto(m, load_external_data=False)  # one-line errors for bad files before timing anything
+    feed = next(iter(random_calibration(input_specs(load_proto(models[0]), shapes), num_samples=1, seed=seed)))
+    times = time_sessions(list(models), feed, threads=threads, runs=runs, warmup=warmup, rounds=rounds)
     base = statistics.median(times[0])
     rows = []
     for i, m in enumerate(models):

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -141,3 +142,23 @@ def cpu_int8_dot_product() -> str | None:
         if flag in flags:
             return name
     return None
+
+
+def time_sessions(models: list, feed: dict, *, threads: int | None = 2, runs: int = 20, warmup: int = 3,
+                  rounds: int = 3) -> list[list[float]]:
+    """Seconds per run of each model (path or proto) on ``feed``, measured the way FIELD-NOTES 15 asks:
+    one session alive at a time, models interleaved A, B, A, B... over ``rounds``."""
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            sess = make_session(model, threads=threads)
+            names = {inp.name for inp in sess.get_inputs()}
+            this = {k: v for k, v in feed.items() if k in names}
+            for _ in range(warmup):
+                sess.run(None, this)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sess.run(None, this)
+                times[i].append(time.perf_counter() - t0)
+            del sess
+    return times

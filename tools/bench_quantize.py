@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
-from onnxslim_kit.runtime import make_session  # noqa: E402
+from onnxslim_kit.runtime import make_session, time_sessions  # noqa: E402
 
 
 def _ours(src, passes, out, calib):
@@ -83,21 +83,9 @@ def cosines(reference: str, variants: dict[str, str], feeds, threads) -> dict[st
 
 
 def latencies(variants: dict[str, str], feed, threads: int, runs: int, rounds: int) -> dict[str, list[float]]:
-    """Interleaved rounds (A, B, C, A, B, C, ...), one session alive at a time (FIELD-NOTES 15)."""
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, path in variants.items():
-            sess = make_session(path, threads=threads)
-            names = {i.name for i in sess.get_inputs()}
-            this = {k: v for k, v in feed.items() if k in names}
-            for _ in range(3):
-                sess.run(None, this)
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                sess.run(None, this)
-                times[name].append(time.perf_counter() - t0)
-            del sess
-    return times
+    """Interleaved rounds, one session alive at a time (onnxslim_kit.runtime.time_sessions)."""
+    times = time_sessions(list(variants.values()), feed, threads=threads, runs=runs, rounds=rounds)
+    return dict(zip(variants, times))
 
 
 def main(argv=None) -> int:
