@@ -96,6 +96,8 @@ class FoldConstants(Pass):
         doomed: list[gs.Node] = []
         for node in list(model.nodes):
             if any(t.name in outer for t in node.outputs):
+                if node.op == "Constant" or all(model.constant_value(t) is not None for t in node.inputs if t.name):
+                    skipped.append((_label(node), "output is read inside a subgraph (kept as it is)"))
                 continue
             if node.op == "Constant" and (node.domain or "") in ("", "ai.onnx"):
                 value = model.constant_value(node.outputs[0])

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
@@ -139,7 +140,7 @@ class LowRankSVD(Pass):
         whiten = self.whiten == "true" or (self.whiten == "auto" and not ctx.calibration_is_random
                                            and ctx.calibration is not None)
         if self.whiten == "true" and ctx.calibration is None:
-            raise ValueError("whiten=true needs calibration data")
+            raise InputError("whiten=true needs calibration data (--calib)")
         grams = self._grams(model, candidates, ctx) if (whiten or self.refit) and candidates else {}
         stats = {"layers_factored": 0, "params_before": 0, "params_after": 0, "whitened": int(whiten)}
         for node, w in candidates:

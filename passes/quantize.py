@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
+from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model, tensor_from_array
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
@@ -134,7 +135,7 @@ class QuantizeDynamic(Pass):
 
     def requires(self, model: Model, ctx: PassContext) -> None:
         if model.opset < 10:
-            raise ValueError(f"opset {model.opset} has no MatMulInteger/DynamicQuantizeLinear (needs >= 11)")
+            raise InputError(f"opset {model.opset} has no MatMulInteger/DynamicQuantizeLinear (needs >= 10)")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
@@ -304,11 +305,11 @@ class QuantizeWeights(Pass):
     def _resolve_format(self, opset: int) -> str:
         if self.format == "dq" or (self.format == "auto" and opset >= _DQ_MIN_OPSET[self.bits]):
             if opset < _DQ_MIN_OPSET[self.bits]:
-                raise ValueError(f"bits={self.bits} as DequantizeLinear needs opset >= {_DQ_MIN_OPSET[self.bits]}, "
+                raise InputError(f"bits={self.bits} as DequantizeLinear needs opset >= {_DQ_MIN_OPSET[self.bits]}, "
                                  f"the model has {opset}")
             return "dq"
         if self.bits == 2:
-            raise ValueError(f"bits=2 needs opset >= 25 (INT2 DequantizeLinear); the model has {opset}")
+            raise InputError(f"bits=2 needs opset >= 25 (INT2 DequantizeLinear); the model has {opset}")
         return "matmulnbits"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -712,7 +713,7 @@ class QuantizeInt8(Pass):
         if ctx.calibration_is_random:
             warnings.append("quantize-int8: activation ranges come from seeded random data; pass --calib")
         if model.opset < 10:
-            raise ValueError(f"opset {model.opset} has no QuantizeLinear (needs >= 10)")
+            raise InputError(f"opset {model.opset} has no QuantizeLinear (needs >= 10)")
         per_channel = self.per_channel
         if per_channel and model.opset < 13:
             per_channel = False

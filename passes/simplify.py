@@ -305,6 +305,7 @@ class FuseReshape(Pass):
             if node.op != "Reshape" or node not in model.nodes:
                 continue
             if int(node.attrs.get("allowzero", 0)):
+                skipped.append((_label(node), "allowzero=1: a 0 in the target shape means a real 0"))
                 continue
             target = model.constant_value(node.inputs[1])
             if target is None:
@@ -444,7 +445,11 @@ class FuseUnsqueeze(Pass):
                 continue
             axes = _ints_attr_or_input(model, node, "axes", 1)
             src = model.producer(node.inputs[0])
-            if axes is None or src is None:
+            if src is None:
+                continue
+            if axes is None:
+                if src.op == "Unsqueeze" or src.op in _REDUCE_OPS:
+                    skipped.append((_label(node), "axes are not constant"))
                 continue
             if src.op == "Unsqueeze":
                 inner = _ints_attr_or_input(model, src, "axes", 1)

@@ -208,3 +208,11 @@ def test_cli_output_is_deterministic(tmp_path):
         assert result.exit_code == 0, result.output
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_cli_pass_incompatible_with_model_is_a_usage_error(model_path, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = _invoke("optimize", model_path, "-o", out, "-p", "quantize-weights:bits=2,min_elements=1")
+    assert result.exit_code == 2 and not out.exists()
+    assert result.output.strip() == ("error: quantize-weights: bits=2 needs opset >= 25 (INT2 "
+                                     "DequantizeLinear); the model has 17")

@@ -160,7 +160,7 @@ def test_quantize_weights_formats_run_and_fuse(tmp_path, opset, spec, fmt, min_c
 
 
 def test_quantize_weights_int2_needs_opset_25():
-    with pytest.raises(Exception, match="bits=2 needs opset >= 25"):
+    with pytest.raises(InputError, match="^quantize-weights: bits=2 needs opset >= 25"):
         Pipeline.from_specs(["quantize-weights:bits=2"]).run(Model.from_proto(_fc(21)), PassContext())
 
 

@@ -241,3 +241,13 @@ def test_fuse_conv_affine_add_with_shared_bias_keeps_other_user_intact():
     out, rec = _run(proto, "fuse-conv-affine")
     assert rec.stats["affine_fused"] == 1
     assert_parity(proto, out, {"x": _x((2, 4, 5, 5))})
+
+
+def test_fuse_reshape_allowzero_left_alone_with_reason():
+    nodes = [helper.make_node("Reshape", ["x", "t1"], ["r1"], name="r1"),
+             helper.make_node("Reshape", ["r1", "t2"], ["y"], name="r2", allowzero=1)]
+    inits = [init("t1", np.array([2, 12], np.int64)), init("t2", np.array([2, 3, 4], np.int64))]
+    proto = make_model(nodes, [("x", FLOAT, [2, 3, 4])], [("y", FLOAT, [2, 3, 4])], inits, opset=14)
+    out, rec = _run(proto, "fuse-reshape")
+    assert ("r2", "allowzero=1: a 0 in the target shape means a real 0") in rec.skipped
+    assert len(out.graph.node) == 2
