@@ -78,6 +78,17 @@ def conv_bn_relu(*, seed: int = 0, channels: int = 8, opset: int = 17, batch: in
                       opset=opset)
 
 
+def with_external_location(proto: onnx.ModelProto, location: str, *, index: int = 0) -> onnx.ModelProto:
+    """Make initializer ``index`` point at external data ``location`` (payload dropped), e.g. to test
+    that locations outside the model's folder are refused."""
+    tensor = proto.graph.initializer[index]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return proto
+
+
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run with onnxruntime, graph optimizations off (so ORT's own fusions cannot hide a bug)."""
     import onnxruntime as ort

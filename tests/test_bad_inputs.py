@@ -8,7 +8,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from builders import conv_bn_relu
+from builders import conv_bn_relu, with_external_location
 from onnxslim_kit.cli import main
 
 
@@ -71,12 +71,7 @@ def test_bad_input_external_data_outside_folder(tmp_path, location, message):
     folder = tmp_path / "m"
     folder.mkdir()
     (tmp_path / "secret.bin").write_bytes(b"\0" * 1024)
-    proto = conv_bn_relu()
-    t = proto.graph.initializer[0]
-    t.ClearField("raw_data")
-    t.data_location = onnx.TensorProto.EXTERNAL
-    e = t.external_data.add()
-    e.key, e.value = "location", location
+    proto = with_external_location(conv_bn_relu(), location)
     path = folder / "model.onnx"
     path.write_bytes(proto.SerializeToString())
     _expect_one_line_error(["optimize", path, "-o", folder / "o.onnx"], tmp_path, "model.onnx", message)

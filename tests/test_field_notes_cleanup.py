@@ -1,10 +1,13 @@
 """FIELD-NOTES items that concern cleanup, each run through onnxslim_kit.pipeline.Pipeline on an ir.Model,
 exported with to_proto(), then onnx.checker full check + onnxruntime parity."""
 
+import os
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+import onnxslim_kit
 from builders import FLOAT, assert_parity, conv_bn_relu, init, make_model, rng, run_model
 from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import PassContext
@@ -149,3 +152,40 @@ def test_field_note_3_shape_inference_failure_still_cleans(monkeypatch):
     monkeypatch.undo()
     assert [n.op_type for n in out.graph.node] == ["Add"]
     assert_parity(proto, out, {"x": _x((2, 3))})
+
+
+# Through the public API (parity gate included)
+
+def test_field_note_3_optimize_leaves_no_files_when_shape_inference_fails(tmp_path, monkeypatch):
+    """onnx shape inference raises (simulated) on a model with an Identity and a foldable constant."""
+    nodes = [helper.make_node("Identity", ["x"], ["x1"], name="id"),
+             helper.make_node("Mul", ["two", "two"], ["four"], name="const_mul"),
+             helper.make_node("Relu", ["x1"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "four"], ["y"], name="add")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 3])], [("y", FLOAT, ["N", 3])],
+                       [init("two", np.full(3, 2, np.float32))])
+    # Make onnx's shape inference raise for every call, as it does on many real models.
+    def fail(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] simulated failure")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fail)
+    monkeypatch.chdir(tmp_path)
+    out, report = onnxslim_kit.optimize(proto)
+    assert [n.op_type for n in out.graph.node] == ["Relu", "Add"] and report.parity.ok
+    assert os.listdir(tmp_path) == []  # no temp model or weight copy left in the working directory
+    monkeypatch.undo()
+    assert_parity(proto, out, {"x": rng(0).standard_normal((2, 3)).astype(np.float32)})
+
+
+def test_field_note_5_parity_gate_compares_observed_shapes():
+    """Declared [1, seqlen], produced [T, 1, C]: the rewrite must keep what is produced."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], name="t", perm=[1, 0, 2]),
+             helper.make_node("Identity", ["t"], ["y"], name="id")]
+    proto = make_model(nodes, [("x", FLOAT, [1, 5, 4])], [("y", FLOAT, [1, "seqlen"])])
+    x = rng(1).standard_normal((1, 5, 4)).astype(np.float32)
+    assert run_model(proto, {"x": x})[0].shape == (5, 1, 4)  # the declaration is wrong
+    out, report = onnxslim_kit.optimize(proto, calibration={"x": x})
+    assert report.parity.ok
+    assert report.parity.outputs[0].ref_shape == report.parity.outputs[0].cand_shape
+    assert run_model(out, {"x": x})[0].shape == (5, 1, 4)
+    np.testing.assert_array_equal(run_model(out, {"x": x})[0], run_model(proto, {"x": x})[0])

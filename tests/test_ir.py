@@ -6,7 +6,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
-from builders import FLOAT, assert_parity, conv_bn_relu, init, make_model, relu_chain, run_model
+from builders import (FLOAT, assert_parity, conv_bn_relu, init, make_model, relu_chain, run_model,
+                      with_external_location)
 from onnxslim_kit import runtime
 from onnxslim_kit.errors import InputError, PassError
 from onnxslim_kit.ir import Model, load_proto, save_proto
@@ -165,15 +166,10 @@ def test_ir_external_data_roundtrip_and_atomic_save(tmp_path):
 
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
 def test_ir_external_data_outside_model_folder_is_refused(tmp_path, location):
-    proto = conv_bn_relu()
+    proto = with_external_location(conv_bn_relu(), location)
     folder = tmp_path / "model"
     folder.mkdir()
     (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
-    tensor = proto.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", location
     path = folder / "m.onnx"
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(InputError, match="outside the model's folder|absolute path"):
@@ -181,16 +177,11 @@ def test_ir_external_data_outside_model_folder_is_refused(tmp_path, location):
 
 
 def test_ir_external_data_symlink_escape_is_refused(tmp_path):
-    proto = conv_bn_relu()
+    proto = with_external_location(conv_bn_relu(), "w.bin")
     folder = tmp_path / "model"
     folder.mkdir()
     (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
     os.symlink(tmp_path / "secret.bin", folder / "w.bin")
-    tensor = proto.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", "w.bin"
     path = folder / "m.onnx"
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(InputError, match="outside the model's folder"):
