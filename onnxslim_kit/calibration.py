@@ -363,7 +363,7 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     except FileNotFoundError:
         raise InputError(f"{label}: calibration file not found") from None
     except _CORRUPT as exc:
-        raise InputError(f"{label}: not a readable numpy file ({exc})") from None
+        raise _unreadable(label, exc) from None
 
 
 def _np_load(path: Path, **kwargs) -> Any:
@@ -372,12 +372,15 @@ def _np_load(path: Path, **kwargs) -> Any:
         return np.load(path, allow_pickle=False, **kwargs)
     except FileNotFoundError:
         raise InputError(f"{label}: calibration file not found") from None
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise InputError(f"{label}: holds Python objects: pickled data refused") from None
-        raise InputError(f"{label}: not a readable numpy file ({exc})") from None
     except _CORRUPT as exc:
-        raise InputError(f"{label}: not a readable numpy file ({exc})") from None
+        raise _unreadable(label, exc) from None
+
+
+def _unreadable(what: str, exc: BaseException) -> InputError:
+    """One line for a numpy file (or one .npz member) that cannot be read; pickles are named as such."""
+    if isinstance(exc, ValueError) and "pickle" in str(exc).lower():
+        return InputError(f"{what}: holds Python objects: pickled data refused")
+    return InputError(f"{what}: not a readable numpy file ({type(exc).__name__}: {exc})")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -386,12 +389,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         for key in data.files:
             try:
                 out[key] = data[key]
-            except ValueError as exc:
-                if "pickle" in str(exc).lower():
-                    raise InputError(f"{path}: '{key}' holds Python objects: pickled data refused") from None
-                raise InputError(f"{path}: '{key}' is not readable ({exc})") from None
             except _CORRUPT as exc:
-                raise InputError(f"{path}: '{key}' is not readable ({type(exc).__name__}: {exc})") from None
+                raise _unreadable(f"{path}: '{key}'", exc) from None
         return out
 
 
