@@ -14,7 +14,7 @@ Shared (tied) weights are quantized once and the quantized tensor is shared too.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import ml_dtypes  # ships with onnx: numpy dtypes for int4/int2
 import numpy as np
@@ -139,12 +139,13 @@ class QuantizeDynamic(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
-        cache: dict[int, tuple[gs.Constant, gs.Constant, np.ndarray]] = {}
+        # (weight tensor id, layout) -> (quantized, zero point, scales): tied weights quantized once
+        cache: dict[tuple[int, str], tuple[gs.Constant, gs.Constant, np.ndarray]] = {}
         done = 0
         weight_bytes_before = weight_bytes_after = 0
         for node, weight_t, weight, bias_t in _weight_candidates(model, self.op_types, self.exclude,
                                                                 self.min_elements, skipped):
-            key = id(weight_t) if node.op == "MatMul" or not node.attrs.get("transB", 0) else -id(weight_t)
+            key = (id(weight_t), "KxN" if node.op == "MatMul" or not node.attrs.get("transB", 0) else "NxK")
             if key not in cache:
                 q, scale = quantize_weight_symmetric(weight, axis=1 if self.per_channel else None,
                                                      reduce_range=self.reduce_range)
@@ -168,7 +169,7 @@ class QuantizeDynamic(Pass):
                 if table.size < self.min_elements:
                     skipped.append((label, f"table has {table.size} elements < min_elements={self.min_elements}"))
                     continue
-                key = id(node.inputs[0]) * 7  # tables are quantized per tensor, once
+                key = (id(node.inputs[0]), "table")  # embedding tables: per tensor, once
                 if key not in cache:
                     q, scale = quantize_weight_symmetric(table, axis=None, reduce_range=self.reduce_range)
                     cache[key] = (gs.Constant(model.unique_name(node.inputs[0].name + "_quantized"), q),
@@ -315,7 +316,7 @@ class QuantizeWeights(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         fmt = self._resolve_format(model.opset)
         skipped: list[tuple[str, str]] = []
-        cache: dict[int, gs.Tensor] = {}   # weight tensor id -> dequantized weight tensor (dq format)
+        cache: dict[tuple[int, bool], Any] = {}  # (weight id, transposed) -> dequantized weight / NBits inputs
         stats = {"nodes_quantized": 0, "weights_quantized": 0, "weight_bytes_before": 0,
                  "weight_bytes_after": 0, "max_weight_rel_error": 0.0}
         warnings = []
