@@ -21,19 +21,9 @@ from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
 
+from .reconstruct import as_rows, gram_cholesky, ridge_solve, stream_activations
+
 logger = logging.getLogger(__name__)
-
-
-def gram_cholesky(gram: np.ndarray, damping: float) -> np.ndarray:
-    """Lower-triangular L with L L^T = G + damping * mean(diag G) * I (damping keeps it invertible)."""
-    k = gram.shape[0]
-    scale = float(np.mean(np.diag(gram))) or 1.0
-    for attempt in range(6):
-        try:
-            return np.linalg.cholesky(gram + (damping * 10 ** attempt) * scale * np.eye(k))
-        except np.linalg.LinAlgError:
-            continue
-    raise np.linalg.LinAlgError("Gram matrix is not positive definite even with damping")
 
 
 def factorize(weight: np.ndarray, rank: int, *, chol: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -51,9 +41,7 @@ def factorize(weight: np.ndarray, rank: int, *, chol: np.ndarray | None = None) 
 def refit_second_factor(a: np.ndarray, weight: np.ndarray, gram: np.ndarray, damping: float) -> np.ndarray:
     """B = argmin ||X A B - X W||: (A^T G A) B = A^T G W (ridge-damped normal equations)."""
     ga = gram @ a
-    lhs = a.T @ ga
-    lhs += damping * (np.trace(lhs) / max(lhs.shape[0], 1)) * np.eye(lhs.shape[0])
-    return np.linalg.solve(lhs, ga.T @ weight.astype(np.float64))
+    return ridge_solve(a.T @ ga, ga.T @ weight.astype(np.float64), damping)
 
 
 def singular_values(weight: np.ndarray, chol: np.ndarray | None) -> np.ndarray:
@@ -165,20 +153,11 @@ class LowRankSVD(Pass):
 
     def _grams(self, model: Model, candidates, ctx: PassContext) -> dict[str, np.ndarray]:
         """X^T X of every candidate's input over the calibration data, streamed (no activation storage)."""
-        from onnxslim_kit.runtime import make_session
-        from onnxslim_kit.shapes import with_outputs
-
         names = sorted({node.inputs[0].name for node, _ in candidates})
-        proto = with_outputs(model.to_proto(value_info="drop"), names, model.value_infos())
-        sess = make_session(proto, optimize=False)
-        index = {o.name: i for i, o in enumerate(sess.get_outputs())}
-        feeds_index = {i.name for i in sess.get_inputs()}
         grams: dict[str, np.ndarray] = {}
-        for feed in ctx.track(ctx.calibration, "svd: input statistics"):
-            outs = sess.run(None, {k: v for k, v in feed.items() if k in feeds_index})
-            for name in names:
-                x = outs[index[name]] if name in index else feed[name]
-                x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        for acts in stream_activations(model, names, ctx, "svd: input statistics"):
+            for name, x in acts.items():
+                x = as_rows(x)
                 grams[name] = grams.get(name, 0) + x.T @ x
         return grams
 
