@@ -16,10 +16,11 @@ from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import PassContext
 
 
-def stream_activations(model: Model, names: Iterable[str], ctx: PassContext, label: str
+def stream_activations(model: Model, names: Iterable[str], ctx: PassContext, label: str | None
                        ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{name: activation}`` for every calibration batch, from one session that exposes ``names``
-    as extra outputs (graph inputs are read from the feed). Activations are not kept between batches."""
+    as extra outputs (graph inputs are read from the feed). Activations are not kept between batches.
+    ``label``: the progress bar's label (None: no bar, for loops that already show one)."""
     from onnxslim_kit.runtime import make_session
     from onnxslim_kit.shapes import with_outputs
 
@@ -28,7 +29,7 @@ def stream_activations(model: Model, names: Iterable[str], ctx: PassContext, lab
     sess = make_session(proto, optimize=False)
     index = {o.name: i for i, o in enumerate(sess.get_outputs())}
     feed_names = {i.name for i in sess.get_inputs()}
-    for feed in ctx.track(ctx.calibration, label):
+    for feed in (ctx.track(ctx.calibration, label) if label else ctx.calibration):
         outs = sess.run(None, {k: v for k, v in feed.items() if k in feed_names})
         yield {name: (outs[index[name]] if name in index else feed[name]) for name in names}
 
@@ -61,3 +62,33 @@ def ridge_solve(gxx: np.ndarray, gxy: np.ndarray, damping: float) -> np.ndarray:
         return np.linalg.solve(lhs, gxy)
     except np.linalg.LinAlgError:
         return np.linalg.lstsq(lhs, gxy, rcond=None)[0]
+
+
+def conv_patches(x: np.ndarray, weight_shape: tuple[int, ...], attrs: dict) -> np.ndarray | None:
+    """im2col of a 2-D convolution input: rows = output positions, columns = (channel, kh, kw) in the
+    order of ``weight.reshape(M, -1)``, so ``patches @ weight.reshape(M, -1).T`` is the convolution without
+    bias. None for layouts it does not handle (not 2-D, group != 1, SAME auto_pad)."""
+    if x.ndim != 4 or len(weight_shape) != 4 or int(attrs.get("group", 1)) != 1:
+        return None
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None
+    kh, kw = weight_shape[2:]
+    sh, sw = attrs.get("strides", [1, 1])
+    dh, dw = attrs.get("dilations", [1, 1])
+    pads = [0, 0, 0, 0] if auto_pad == "VALID" else list(attrs.get("pads", [0, 0, 0, 0]))
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, c, ho, wo = win.shape[:4]
+    return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(n * ho * wo, c * kh * kw)
+
+
+def layer_rows(x: np.ndarray, node, weight_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The input of a Conv/Gemm/MatMul as the rows its weight matrix multiplies (float64), or None."""
+    if node.op == "Conv":
+        rows = conv_patches(np.asarray(x), weight_shape, node.attrs)
+        return None if rows is None else rows.astype(np.float64)
+    return as_rows(x)

@@ -1,0 +1,466 @@
+"""Pruning (issue 4): structured channel pruning over coupled-channel groups, with closed-form
+reconstruction of the layers that read the pruned channels, and fine-grained (unstructured) pruning.
+
+``prune-channels`` removes whole output channels of Conv/ConvTranspose/Gemm/MatMul layers, together with
+every tensor and parameter tied to them (``passes/channel_groups.py`` finds the groups), so every op
+that follows does less work on any runtime. With calibration data the layers that read the pruned
+channels are refit by ridge least squares so that their outputs match the original model's (the
+teacher), as in He et al. 2017 / ThiNet.
+
+``prune-weights`` zeroes individual weights (magnitude, random or stability criteria; per-layer or
+global; N:M patterns). onnxruntime has no sparse kernels on CPU: it saves file size (with
+``sparse_storage``) or compressibility, never time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim_kit.errors import InputError
+from onnxslim_kit.ir import Model
+from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxslim_kit.registry import register_pass
+
+from .channel_groups import Analysis, Group, Space, analyze, channel_values, kept_indices
+from .reconstruct import as_rows, layer_rows, ridge_solve, stream_activations
+
+logger = logging.getLogger(__name__)
+
+
+# -- importance strategies --------------------------------------------------------------------------
+class Importance:
+    """Scores every channel of every candidate group; higher means keep. ``needs_data``: reads
+    calibration activations."""
+
+    needs_data = False
+
+    def __call__(self, model: Model, an: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
+        raise NotImplementedError
+
+
+def _position_vector(value: np.ndarray, axis: int, p: float) -> np.ndarray:
+    other = tuple(i for i in range(value.ndim) if i != axis)
+    return np.sum(np.abs(value.astype(np.float64)) ** p, axis=other)
+
+
+class MagnitudeImportance(Importance):
+    """l1 / l2 norm of every weight tied to the channel: the producers' output slices and the consumers'
+    input slices, summed over all members of the group."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, model, an, groups, ctx):
+        scores = {g.gid: np.zeros(g.channels) for g in groups}
+        for s in an.slices:
+            if s.role not in ("out", "in"):
+                continue
+            vec = _position_vector(model.constant_value(s.node.inputs[s.index]), s.axis, self.p)
+            for gid in {g for g, _ in s.space.segments} & scores.keys():
+                scores[gid] += channel_values(s.space, gid, vec)
+        return {gid: v ** (1.0 / self.p) for gid, v in scores.items()}
+
+
+class BatchNormImportance(Importance):
+    """|gamma| of the BatchNormalization layers in the group (network slimming); l1 where there is none."""
+
+    def __call__(self, model, an, groups, ctx):
+        scores = {g.gid: np.zeros(g.channels) for g in groups}
+        found: set[int] = set()
+        for s in an.slices:
+            if s.node.op == "BatchNormalization" and s.index == 1:
+                vec = np.abs(model.constant_value(s.node.inputs[1]).astype(np.float64))
+                for gid in {g for g, _ in s.space.segments} & scores.keys():
+                    scores[gid] += channel_values(s.space, gid, vec)
+                    found.add(gid)
+        missing = [g for g in groups if g.gid not in found]
+        if missing:
+            scores.update(MagnitudeImportance(1)(model, an, missing, ctx))
+        return scores
+
+
+class RandomImportance(Importance):
+    """Seeded random scores: the baseline every criterion must beat."""
+
+    def __call__(self, model, an, groups, ctx):
+        rng = np.random.default_rng(ctx.seed)
+        return {g.gid: rng.random(g.channels) for g in groups}
+
+
+class ActivationImportance(Importance):
+    """Mean |activation| (``stat='mean'``) or its standard deviation across calibration samples and
+    positions (``stat='std'``: low-variance channels carry little information) of the producers' outputs."""
+
+    needs_data = True
+
+    def __init__(self, stat: str):
+        self.stat = stat
+
+    def __call__(self, model, an, groups, ctx):
+        wanted = {g.gid for g in groups}
+        names = sorted({p.outputs[0].name for g in groups for p in g.producers})
+        acc: dict[str, list] = {}
+        for acts in stream_activations(model, names, ctx, "prune-channels: channel statistics"):
+            for name, x in acts.items():
+                rows = as_rows(x, an.spaces[name].axis)
+                a = acc.setdefault(name, [0.0, 0.0, 0.0, 0])
+                a[0] = a[0] + np.abs(rows).sum(0)
+                a[1] = a[1] + rows.sum(0)
+                a[2] = a[2] + (rows ** 2).sum(0)
+                a[3] += rows.shape[0]
+        scores = {gid: np.zeros(g.channels) for gid, g in ((g.gid, g) for g in groups)}
+        for name, (abs_sum, s1, s2, n) in acc.items():
+            if self.stat == "mean":
+                vec = abs_sum / max(n, 1)
+            else:
+                vec = np.sqrt(np.maximum(s2 / max(n, 1) - (s1 / max(n, 1)) ** 2, 0.0))
+            space = an.spaces[name]
+            for gid in {g for g, _ in space.segments} & wanted:
+                scores[gid] += channel_values(Space(space.axis, space.rank, space.segments, 1), gid, vec)
+        return scores
+
+
+class ReconstructionImportance(Importance):
+    """ThiNet-style greedy selection: the channels whose removal adds the least to the next layers' output
+    error, measured with the consumers' input second moments and weights (exact for Gemm/MatMul and
+    1x1 Conv consumers; for kxk Conv the spatial cross terms between kernel taps are left out)."""
+
+    needs_data = True
+
+    def __call__(self, model, an, groups, ctx):
+        wanted = {g.gid for g in groups}
+        sinks = [(n, s) for n, s in an.sinks if {g for g, _ in s.segments} & wanted]
+        names = sorted({n.inputs[0].name for n, _ in sinks})
+        grams: dict[str, np.ndarray] = {}
+        for acts in stream_activations(model, names, ctx, "prune-channels: consumer statistics"):
+            for node, space in sinks:
+                name = node.inputs[0].name
+                rows = as_rows(acts[name], 1 if node.op in ("Conv", "ConvTranspose") else -1)
+                grams[name] = grams.get(name, 0) + rows.T @ rows
+        errors = {g.gid: np.zeros((g.channels, g.channels)) for g in groups}
+        for node, space in sinks:
+            w = model.constant_value(node.inputs[1]).astype(np.float64)
+            in_axis = next(s.axis for s in an.slices if s.node is node and s.role == "in")
+            wi = np.moveaxis(w, in_axis, 0).reshape(w.shape[in_axis], -1)
+            e = grams[node.inputs[0].name] * (wi @ wi.T)
+            n_ch = sum(n for _, n in space.segments)
+            e = e.reshape(n_ch, space.block, n_ch, space.block).sum(axis=(1, 3))
+            offsets, pos = [], 0
+            for gid, n in space.segments:
+                offsets.append((gid, np.arange(n) + pos))
+                pos += n
+            for ga, pa in offsets:
+                for gb, pb in offsets:
+                    if ga == gb and ga in wanted:
+                        errors[ga] += e[np.ix_(pa, pb)]
+        scores = {}
+        for gid, e in errors.items():
+            n = e.shape[0]
+            order = np.empty(n, np.int64)
+            removed = np.zeros(n, bool)
+            running = np.zeros(n)
+            for step in range(n):
+                cost = np.where(removed, np.inf, np.diag(e) + 2.0 * running)
+                c = int(np.argmin(cost))
+                order[c] = step
+                removed[c] = True
+                running += e[:, c]
+            scores[gid] = order.astype(np.float64)
+        return scores
+
+
+IMPORTANCE: dict[str, Importance] = {
+    "l1": MagnitudeImportance(1), "l2": MagnitudeImportance(2), "bn": BatchNormImportance(),
+    "random": RandomImportance(), "activation": ActivationImportance("mean"),
+    "stability": ActivationImportance("std"), "reconstruction": ReconstructionImportance(),
+}
+
+
+# -- applying a pruning plan -----------------------------------------------------------------------
+def apply_plan(model: Model, an: Analysis, kept: dict[int, np.ndarray]) -> None:
+    """Slice every weight and parameter tied to the pruned groups and fix the attributes and shape
+    constants that carry channel counts. Weights are replaced, never modified in place."""
+    for s in an.slices:
+        if not {g for g, _ in s.space.segments} & kept.keys():
+            continue
+        value = model.constant_value(s.node.inputs[s.index])
+        new = np.ascontiguousarray(np.take(value, kept_indices(s.space, kept), axis=s.axis))
+        base = (s.node.name or s.node.op.lower()) + f"_pruned{s.index}"
+        s.node.inputs[s.index] = gs.Constant(model.unique_name(base), new)
+    for kind, node, space in an.fixes:
+        if not {g for g, _ in space.segments} & kept.keys():
+            continue
+        if kind == "group":
+            node.attrs["group"] = int(len(kept_indices(space, kept)))
+        elif kind == "reshape":
+            target = model.constant_value(node.inputs[1]).copy()
+            target[1] = len(kept_indices(an.spaces[node.outputs[0].name], kept))
+            node.inputs[1] = gs.Constant(model.unique_name((node.name or "reshape") + "_shape"), target)
+        elif kind == "split":
+            sizes = [len(kept_indices(an.spaces[o.name], kept)) for o in node.outputs]
+            if "split" in node.attrs:
+                node.attrs["split"] = sizes
+            else:
+                node.inputs[1] = gs.Constant(model.unique_name((node.name or "split") + "_sizes"),
+                                             np.asarray(sizes, np.int64))
+    tensors = model.tensors()
+    for name, space in an.spaces.items():
+        t = tensors.get(name)
+        if isinstance(t, gs.Variable) and {g for g, _ in space.segments} & kept.keys() \
+                and not model.is_graph_output(t) and not model.is_graph_input(t):
+            t.shape = None
+    model.invalidate()
+
+
+def _weight_matrix(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """[input features, outputs] view of a layer's weight (the matrix its input rows multiply)."""
+    if node.op == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return w.T
+    return w
+
+
+def _weight_from_matrix(node: gs.Node, mat: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if node.op == "Conv":
+        return mat.T.reshape((mat.shape[1], -1) + like.shape[2:])
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return mat.T
+    return mat
+
+
+@register_pass
+class PruneChannels(Pass):
+    """Structured channel pruning over coupled-channel groups, with least-squares reconstruction.
+
+    Options:
+        ratio: fraction of each group's channels to remove (before rounding to ``multiple``)
+        target_macs: instead of ratio: prune until the model's MACs are at most this fraction of the
+            original (searches the ratio)
+        criterion: channel importance: l1, l2 (weight magnitude over the whole group), bn (BatchNorm
+            |gamma|), random (seeded baseline), activation (mean |activation|), stability (activation
+            std across calibration samples), reconstruction (ThiNet-style greedy on the next layers'
+            output error)
+        scope: local (every group loses the same fraction) or global (importance normalised per group,
+            then ranked across groups)
+        reconstruct: refit the layers that read pruned channels by ridge least squares against the
+            original model's outputs (auto: when real calibration data is given)
+        multiple: round every kept channel count up to a multiple of this (SIMD-friendly)
+        protect: names of layers whose output channels are never pruned, '+'-separated
+        damping: relative ridge damping of the reconstruction
+        min_cosine: parity bound this pass promises on the final outputs
+    """
+
+    name = "prune-channels"
+    summary = "structured channel pruning over coupled-channel groups, with least-squares reconstruction"
+    tolerance = Tolerance(min_cosine=0.9)
+
+    def __init__(self, *, ratio: float = 0.3, target_macs: float | None = None,
+                 criterion: Literal["l1", "l2", "bn", "random", "activation", "stability", "reconstruction"] = "l1",
+                 scope: Literal["local", "global"] = "local",
+                 reconstruct: Literal["auto", "true", "false"] = "auto", multiple: int = 8,
+                 protect: list[str] | None = None, damping: float = 1e-3, min_cosine: float = 0.9):
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError("ratio must be in [0, 1)")
+        if target_macs is not None and not 0.0 < target_macs <= 1.0:
+            raise ValueError("target_macs must be in (0, 1]")
+        if criterion not in IMPORTANCE:
+            raise ValueError(f"criterion must be one of {', '.join(IMPORTANCE)}")
+        if scope not in ("local", "global"):
+            raise ValueError("scope must be local or global")
+        if reconstruct not in ("auto", "true", "false"):
+            raise ValueError("reconstruct must be auto, true or false")
+        if multiple < 1:
+            raise ValueError("multiple must be >= 1")
+        self.ratio, self.target_macs, self.criterion, self.scope = ratio, target_macs, criterion, scope
+        self.reconstruct, self.multiple = reconstruct, multiple
+        self.protect = list(protect) if protect else []
+        self.damping, self.min_cosine = damping, min_cosine
+        self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    # -- planning ----------------------------------------------------------------------------------
+    def _candidates(self, an: Analysis, skipped: list | None) -> list[Group]:
+        out = []
+        for g in an.groups.values():
+            if not g.producers:
+                continue
+            if g.reasons:
+                reason = g.reasons[0] + (f" (and {len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "")
+            elif any(p.name in self.protect for p in g.producers):
+                reason = "protected by option"
+            elif g.channels <= self.multiple:
+                reason = f"has {g.channels} channels, not more than multiple={self.multiple}"
+            else:
+                out.append(g)
+                continue
+            if skipped is not None:
+                skipped.append((g.label, reason))
+        return out
+
+    def _keep_count(self, channels: int, remove: float) -> int:
+        keep = math.ceil(max(channels - remove, 1) / self.multiple) * self.multiple
+        return int(min(max(keep, 1), channels))
+
+    def _allocate(self, groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> dict[int, np.ndarray]:
+        counts: dict[int, int] = {}
+        if self.scope == "local":
+            for g in groups:
+                counts[g.gid] = self._keep_count(g.channels, g.channels * ratio)
+        else:
+            pool = []
+            for g in groups:
+                s = scores[g.gid]
+                norm = s / (float(np.mean(np.abs(s))) or 1.0)
+                pool.extend((float(v), g.gid) for v in norm)
+            pool.sort()
+            removed = {g.gid: 0 for g in groups}
+            for _, gid in pool[:int(round(ratio * len(pool)))]:
+                removed[gid] += 1
+            for g in groups:
+                counts[g.gid] = self._keep_count(g.channels, removed[g.gid])
+        kept = {}
+        for g in groups:
+            n = counts[g.gid]
+            if n < g.channels:
+                order = np.argsort(-scores[g.gid], kind="stable")
+                kept[g.gid] = np.sort(order[:n])
+        return kept
+
+    def _macs(self, model: Model, ctx: PassContext) -> int:
+        from onnxslim_kit.metrics import model_stats
+
+        return model_stats(model.to_proto(value_info="drop"), ctx.input_shapes or None, observe=False).macs
+
+    def _search_ratio(self, model: Model, groups, scores, ctx: PassContext) -> float:
+        """Smallest ratio whose pruned model has at most target_macs of the MACs (bisection)."""
+        base = self._macs(model, ctx)
+        goal = self.target_macs * base
+
+        def macs_at(ratio: float) -> int:
+            trial = model.copy()
+            an = analyze(trial)
+            apply_plan(trial, an, self._allocate(self._candidates(an, None), scores, ratio))
+            return self._macs(trial, ctx)
+
+        lo, hi = 0.0, 0.95
+        if macs_at(hi) > goal:
+            return hi
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            if macs_at(mid) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    # -- run ---------------------------------------------------------------------------------------
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        skipped: list[tuple[str, str]] = []
+        warnings: list[str] = []
+        model.toposort()
+        for node in model.nodes:
+            if not node.name:
+                node.name = model.unique_name(node.op.lower())
+        has_data = ctx.calibration is not None
+        strategy = IMPORTANCE[self.criterion]
+        if strategy.needs_data and not has_data:
+            raise InputError(f"criterion={self.criterion} needs calibration data (--calib)")
+        if self.reconstruct == "true" and not has_data:
+            raise InputError("reconstruct=true needs calibration data (--calib)")
+        reconstruct = self.reconstruct == "true" or (self.reconstruct == "auto" and has_data
+                                                       and not ctx.calibration_is_random)
+        if strategy.needs_data and ctx.calibration_is_random:
+            warnings.append(f"prune-channels: criterion={self.criterion} ranks channels on seeded random data; "
+                            f"pass --calib")
+        teacher = model.copy() if reconstruct else None
+        an = analyze(model)
+        groups = self._candidates(an, skipped)
+        stats: dict[str, float] = {"groups": len([g for g in an.groups.values() if g.producers]),
+                                   "groups_prunable": len(groups), "groups_pruned": 0,
+                                   "channels_before": sum(g.channels for g in groups), "channels_removed": 0,
+                                   "reconstructed_layers": 0}
+        if not groups:
+            return PassResult(model, False, stats, skipped, warnings)
+        scores = strategy(model, an, groups, ctx)
+        ratio = self.ratio
+        if self.target_macs is not None:
+            ratio = self._search_ratio(model, groups, scores, ctx)
+            stats["ratio_searched"] = round(ratio, 4)
+        kept = self._allocate(groups, scores, ratio)
+        if not kept:
+            for g in groups:
+                skipped.append((g.label, f"ratio {ratio:g} removes no channel after rounding to multiple="
+                                         f"{self.multiple}"))
+            return PassResult(model, False, stats, skipped, warnings)
+        apply_plan(model, an, kept)
+        stats["groups_pruned"] = len(kept)
+        stats["channels_removed"] = sum(an.groups[gid].channels - len(idx) for gid, idx in kept.items())
+        if reconstruct:
+            stats["reconstructed_layers"] = self._reconstruct(model, teacher, an, kept, ctx, skipped)
+        return PassResult(model, True, stats, skipped, warnings)
+
+    # -- reconstruction ------------------------------------------------------------------------------
+    def _reconstruct(self, model: Model, teacher: Model, an: Analysis, kept: dict[int, np.ndarray],
+                     ctx: PassContext, skipped: list) -> int:
+        """Refit, in topological order, every layer that reads pruned channels so that its outputs on the
+        pruned model's inputs match the original model's outputs (ridge least squares, bias included)."""
+        original = {n.name: n for n in teacher.nodes}
+        out_space = {id(s.node): s.space for s in an.slices if s.role == "out"}
+        done = 0
+        for node, space in ctx.track([(n, s) for n, s in an.sinks if {g for g, _ in s.segments} & kept.keys()],
+                                     "prune-channels: reconstruction"):
+            label = node.name
+            ref = original.get(node.name)
+            if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0
+                                      or float(node.attrs.get("beta", 1.0)) != 1.0):
+                skipped.append((label, "not reconstructed: Gemm with alpha/beta != 1"))
+                continue
+            if node.op not in ("Conv", "Gemm", "MatMul"):
+                skipped.append((label, f"not reconstructed: {node.op} is not refit"))
+                continue
+            w_ref = teacher.constant_value(ref.inputs[1]).astype(np.float64)
+            target = _weight_matrix(ref, w_ref)
+            own = out_space.get(id(node))
+            cols = kept_indices(own, kept) if own is not None else np.arange(target.shape[1])
+            target = target[:, cols]
+            bias_ref = teacher.constant_value(ref.inputs[2]) if len(ref.inputs) > 2 and ref.inputs[2].name else None
+            with_bias = node.op != "MatMul"
+            name = node.inputs[0].name
+            w_now = model.constant_value(node.inputs[1])
+            gxx = gxy = None
+            ok = True
+            student = stream_activations(model, [name], ctx, None)
+            for x_new, x_ref in zip(student, stream_activations(teacher, [name], ctx, None)):
+                rows_new = layer_rows(x_new[name], node, w_now.shape)
+                rows_ref = layer_rows(x_ref[name], ref, w_ref.shape)
+                if rows_new is None or rows_ref is None:
+                    ok = False
+                    break
+                y = rows_ref @ target
+                if bias_ref is not None:
+                    y += bias_ref.astype(np.float64)[cols]
+                if with_bias:
+                    rows_new = np.hstack([rows_new, np.ones((rows_new.shape[0], 1))])
+                gxx = rows_new.T @ rows_new if gxx is None else gxx + rows_new.T @ rows_new
+                gxy = rows_new.T @ y if gxy is None else gxy + rows_new.T @ y
+            if not ok or gxx is None:
+                skipped.append((label, "not reconstructed: input layout not supported (SAME padding or not 2-D)"))
+                continue
+            sol = ridge_solve(gxx, gxy, self.damping)
+            mat, bias = (sol[:-1], sol[-1]) if with_bias else (sol, None)
+            new_w = _weight_from_matrix(node, mat, w_now).astype(np.float32)
+            node.inputs[1] = gs.Constant(model.unique_name(label + "_refit_w"), np.ascontiguousarray(new_w))
+            if bias is not None:
+                b = gs.Constant(model.unique_name(label + "_refit_b"), bias.astype(np.float32))
+                if len(node.inputs) > 2:
+                    node.inputs[2] = b
+                else:
+                    node.inputs.append(b)
+            model.invalidate()
+            done += 1
+        return done
