@@ -27,7 +27,7 @@ from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
 
 from .channel_groups import Analysis, Group, Space, analyze, channel_values, kept_indices
-from .reconstruct import as_rows, layer_rows, ridge_solve, stream_activations
+from .reconstruct import LeastSquaresFit, as_rows, layer_rows, stream_activations
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,8 @@ class PruneChannels(Pass):
             original model's outputs (auto: when real calibration data is given)
         multiple: round every kept channel count up to a multiple of this (SIMD-friendly)
         protect: names of layers whose output channels are never pruned, '+'-separated
-        damping: relative ridge damping of the reconstruction
+        damping: relative ridge damping of the reconstruction (default: chosen per layer by 2-fold
+            cross-validation over the calibration batches; a layer whose refit does not generalise is kept)
         min_cosine: parity bound this pass promises on the final outputs
     """
 
@@ -264,7 +265,7 @@ class PruneChannels(Pass):
                  criterion: Literal["l1", "l2", "bn", "random", "activation", "stability", "reconstruction"] = "l1",
                  scope: Literal["local", "global"] = "local",
                  reconstruct: Literal["auto", "true", "false"] = "auto", multiple: int = 8,
-                 protect: list[str] | None = None, damping: float = 1e-3, min_cosine: float = 0.9):
+                 protect: list[str] | None = None, damping: float | None = None, min_cosine: float = 0.9):
         if not 0.0 <= ratio < 1.0:
             raise ValueError("ratio must be in [0, 1)")
         if target_macs is not None and not 0.0 < target_macs <= 1.0:
@@ -432,7 +433,7 @@ class PruneChannels(Pass):
             with_bias = node.op != "MatMul"
             name = node.inputs[0].name
             w_now = model.constant_value(node.inputs[1])
-            gxx = gxy = None
+            fit = LeastSquaresFit()
             ok = True
             student = stream_activations(model, [name], ctx, None)
             for x_new, x_ref in zip(student, stream_activations(teacher, [name], ctx, None)):
@@ -446,12 +447,20 @@ class PruneChannels(Pass):
                     y += bias_ref.astype(np.float64)[cols]
                 if with_bias:
                     rows_new = np.hstack([rows_new, np.ones((rows_new.shape[0], 1))])
-                gxx = rows_new.T @ rows_new if gxx is None else gxx + rows_new.T @ rows_new
-                gxy = rows_new.T @ y if gxy is None else gxy + rows_new.T @ y
-            if not ok or gxx is None:
+                fit.add(rows_new, y)
+            if not ok or fit.batches == 0:
                 skipped.append((label, "not reconstructed: input layout not supported (SAME padding or not 2-D)"))
                 continue
-            sol = ridge_solve(gxx, gxy, self.damping)
+            prior = _weight_matrix(node, w_now.astype(np.float64))
+            if with_bias:
+                b_now = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+                prior = np.vstack([prior, np.zeros((1, prior.shape[1])) if b_now is None
+                                   else b_now.astype(np.float64)[None, :]])
+            sol, used = fit.solve(prior, self.damping)
+            if sol is None:
+                skipped.append((label, "not reconstructed: on held-out calibration batches the refit was worse "
+                                       "than the pruned weights (cross-validation)"))
+                continue
             mat, bias = (sol[:-1], sol[-1]) if with_bias else (sol, None)
             new_w = _weight_from_matrix(node, mat, w_now).astype(np.float32)
             node.inputs[1] = gs.Constant(model.unique_name(label + "_refit_w"), np.ascontiguousarray(new_w))

@@ -52,16 +52,19 @@ def gram_cholesky(gram: np.ndarray, damping: float) -> np.ndarray:
     raise np.linalg.LinAlgError("Gram matrix is not positive definite even with damping")
 
 
-def ridge_solve(gxx: np.ndarray, gxy: np.ndarray, damping: float) -> np.ndarray:
-    """W = argmin ||X W - Y||^2 + lambda ||W||^2 from the normal equations (X^T X + lambda I) W = X^T Y,
-    with lambda = damping * mean(diag X^T X). ``gxx`` [K, K], ``gxy`` [K, N]."""
+def ridge_solve(gxx: np.ndarray, gxy: np.ndarray, damping: float, prior: np.ndarray | None = None) -> np.ndarray:
+    """W = argmin ||X W - Y||^2 + lambda ||W - W0||^2 from the normal equations
+    (X^T X + lambda I) W = X^T Y + lambda W0, with lambda = damping * mean(diag X^T X). ``gxx`` [K, K],
+    ``gxy`` [K, N]; ``prior`` W0 [K, N] (zero when None) keeps an under-determined fit (fewer samples than
+    features) close to a known-good solution instead of shrinking it to zero."""
     k = gxx.shape[0]
     lam = damping * (float(np.trace(gxx)) / max(k, 1) or 1.0)
     lhs = gxx + lam * np.eye(k)
+    rhs = gxy if prior is None else gxy + lam * prior
     try:
-        return np.linalg.solve(lhs, gxy)
+        return np.linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:
-        return np.linalg.lstsq(lhs, gxy, rcond=None)[0]
+        return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
 
 def conv_patches(x: np.ndarray, weight_shape: tuple[int, ...], attrs: dict) -> np.ndarray | None:
@@ -92,3 +95,50 @@ def layer_rows(x: np.ndarray, node, weight_shape: tuple[int, ...]) -> np.ndarray
         rows = conv_patches(np.asarray(x), weight_shape, node.attrs)
         return None if rows is None else rows.astype(np.float64)
     return as_rows(x)
+
+
+class LeastSquaresFit:
+    """Streamed ridge fit of Y from X pulled toward a prior, with the damping chosen by 2-fold
+    cross-validation over the calibration batches (alternate batches form the folds).
+
+    With few calibration samples a refit can match them exactly and generalise worse than the weights
+    it started from; cross-validation measures that on the held-out fold, and when no damping beats the
+    prior the prior is kept (``solve`` then returns ``None``)."""
+
+    GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+    def __init__(self):
+        self.gxx: list = [0.0, 0.0]
+        self.gxy: list = [0.0, 0.0]
+        self.batches = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        fold = self.batches % 2
+        self.gxx[fold] = self.gxx[fold] + x.T @ x
+        self.gxy[fold] = self.gxy[fold] + x.T @ y
+        self.batches += 1
+
+    @staticmethod
+    def _error(w: np.ndarray, gxx: np.ndarray, gxy: np.ndarray) -> float:
+        """||X W - Y||^2 up to the constant ||Y||^2, from the fold's moments."""
+        return float(np.sum(w * (gxx @ w)) - 2.0 * np.sum(w * gxy))
+
+    def solve(self, prior: np.ndarray, damping: float | None = None) -> tuple[np.ndarray | None, float | None]:
+        """(weights, damping used); weights None when the prior generalises best. A fixed ``damping``
+        skips the cross-validation."""
+        if self.batches == 0:
+            return None, None
+        gxx, gxy = self.gxx[0] + self.gxx[1], self.gxy[0] + self.gxy[1]
+        if damping is not None or self.batches < 2:
+            d = 1e-2 if damping is None else damping
+            return ridge_solve(gxx, gxy, d, prior=prior), d
+        best, best_err = None, sum(self._error(prior, self.gxx[b], self.gxy[b]) for b in (0, 1))
+        for d in self.GRID:
+            err = 0.0
+            for a, b in ((0, 1), (1, 0)):
+                err += self._error(ridge_solve(self.gxx[a], self.gxy[a], d, prior=prior), self.gxx[b], self.gxy[b])
+            if err < best_err:
+                best, best_err = d, err
+        if best is None:
+            return None, None
+        return ridge_solve(gxx, gxy, best, prior=prior), best
