@@ -238,6 +238,7 @@ class Model:
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>") -> "Model":
+        proto = _densify_sparse_initializers(proto)
         type_attrs = _collect_type_attrs(proto)
         if type_attrs:
             proto, type_attrs = type_attrs
@@ -596,9 +597,35 @@ def _graph_protos(graph: onnx.GraphProto):
                     yield from _graph_protos(g)
 
 
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """Dense value of a SparseTensorProto (linear [NNZ] or coordinate [NNZ, rank] int64 indices)."""
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
+
+
+def _densify_sparse_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """graphsurgeon ignores ``sparse_initializer``: turn each into an ordinary initializer (exact)."""
+    if not any(len(g.sparse_initializer) for g in _graph_protos(proto.graph)):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for g in _graph_protos(copy.graph):
+        for sparse in g.sparse_initializer:
+            g.initializer.append(numpy_helper.from_array(sparse_to_dense(sparse), sparse.values.name))
+        del g.sparse_initializer[:]
+    return copy
+
+
 def _collect_type_attrs(proto: onnx.ModelProto):
-    """(copy of proto with such nodes named, {node name: [attribute bytes]}) or None when none exist."""
-    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+    """Attributes graphsurgeon drops on import (type protos, sparse tensors): (copy of proto with such nodes named, {node name: [attribute bytes]}) or None when none exist."""
+    kinds = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS,
+             onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
     if not any(a.type in kinds for g in _graph_protos(proto.graph) for n in g.node for a in n.attribute):
         return None
     copy = onnx.ModelProto()

@@ -473,3 +473,259 @@ class PruneChannels(Pass):
             model.invalidate()
             done += 1
         return done
+
+
+def _parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    if not pattern:
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"pattern must be N:M such as 2:4, got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern}: need 0 < N < M")
+    return n, m
+
+
+def _input_axis(node: gs.Node) -> int:
+    """Axis of a layer's weight that runs over its input features."""
+    if node.op == "Conv":
+        return 1
+    if node.op == "ConvTranspose":
+        return 0
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return 1
+    return 0
+
+
+@register_pass
+class PruneWeights(Pass):
+    """Fine-grained (unstructured) pruning: zero individual weights of Conv/ConvTranspose/MatMul/Gemm.
+
+    onnxruntime has no sparse kernels on CPU: this saves file size (``sparse_storage``, or better
+    compression of the zeros), never time. Use ``prune-channels`` for speed.
+
+    Options:
+        sparsity: fraction of each weight (scope=layer) or of all candidate weights (scope=global) zeroed
+        criterion: magnitude (|w|), random (seeded baseline) or stability (|w| times the standard deviation
+            of the input feature it multiplies over the calibration data; the removed weights' mean
+            contribution is folded into the bias)
+        scope: layer (every weight to the same sparsity) or global (one threshold over all candidates)
+        pattern: N:M structured sparsity along the input features (e.g. 2:4: 2 of every 4 kept); overrides
+            sparsity
+        sparse_storage: store pruned weights as ONNX sparse tensors (Constant sparse_value) where that is
+            smaller than dense (only above ~2/3 sparsity: indices are int64)
+        op_types: layer types to prune, '+'-separated (Conv+ConvTranspose+MatMul+Gemm)
+        exclude: node names left alone, '+'-separated
+        min_elements: skip weights with fewer elements
+        min_cosine: parity bound this pass promises on the final outputs
+    """
+
+    name = "prune-weights"
+    summary = "fine-grained weight pruning (magnitude/random/stability, N:M); saves size, not time"
+    tolerance = Tolerance(min_cosine=0.95)
+    OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+    def __init__(self, *, sparsity: float = 0.5, criterion: Literal["magnitude", "random", "stability"] = "magnitude",
+                 scope: Literal["layer", "global"] = "layer", pattern: str | None = None,
+                 sparse_storage: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
+                 min_elements: int = 1024, min_cosine: float = 0.95):
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError("sparsity must be in [0, 1)")
+        if criterion not in ("magnitude", "random", "stability"):
+            raise ValueError("criterion must be magnitude, random or stability")
+        if scope not in ("layer", "global"):
+            raise ValueError("scope must be layer or global")
+        self.nm = _parse_pattern(pattern)
+        self.sparsity, self.criterion, self.scope, self.pattern = sparsity, criterion, scope, pattern
+        self.sparse_storage = sparse_storage
+        self.op_types = list(op_types) if op_types else list(self.OPS)
+        unknown = set(self.op_types) - set(self.OPS)
+        if unknown:
+            raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} ({'+'.join(self.OPS)})")
+        self.exclude = list(exclude) if exclude else []
+        self.min_elements, self.min_cosine = min_elements, min_cosine
+        self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def _candidates(self, model: Model, skipped: list) -> dict[str, list[gs.Node]]:
+        """weight tensor name -> the candidate nodes using it (shared weights are pruned once)."""
+        out: dict[str, list[gs.Node]] = {}
+        for node in model.nodes:
+            if node.op not in self.op_types or len(node.inputs) < 2:
+                continue
+            label = node.name or node.op
+            w = model.constant_value(node.inputs[1])
+            if w is None:
+                continue  # activation x activation (attention scores): no weight to prune
+            if node.name in self.exclude:
+                skipped.append((label, "excluded by option"))
+            elif w.dtype != np.float32:
+                skipped.append((label, f"weight is {w.dtype}, not float32"))
+            elif node.op == "Gemm" and node.attrs.get("transA", 0):
+                skipped.append((label, "Gemm with transA"))
+            elif w.size < self.min_elements:
+                skipped.append((label, f"weight has {w.size} elements < min_elements={self.min_elements}"))
+            elif node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) != 1 and \
+                    self.criterion == "stability":
+                skipped.append((label, "grouped convolution: stability statistics are per input channel"))
+            else:
+                out.setdefault(node.inputs[1].name, []).append(node)
+        return out
+
+    def _input_stats(self, model: Model, cands: dict[str, list[gs.Node]], ctx: PassContext):
+        """Per input feature (mean, std) of every candidate's input, streamed."""
+        first = {name: nodes[0] for name, nodes in cands.items()}
+        names = sorted({n.inputs[0].name for n in first.values()})
+        axis_of = {n.inputs[0].name: (1 if n.op in ("Conv", "ConvTranspose") else -1) for n in first.values()}
+        acc: dict[str, list] = {}
+        for acts in stream_activations(model, names, ctx, "prune-weights: input statistics"):
+            for name, x in acts.items():
+                rows = as_rows(x, axis_of[name])
+                a = acc.setdefault(name, [0.0, 0.0, 0])
+                a[0], a[1], a[2] = a[0] + rows.sum(0), a[1] + (rows ** 2).sum(0), a[2] + rows.shape[0]
+        stats = {}
+        for name, (s1, s2, n) in acc.items():
+            mean = s1 / max(n, 1)
+            stats[name] = (mean, np.sqrt(np.maximum(s2 / max(n, 1) - mean ** 2, 0.0)))
+        return stats
+
+    def _importance(self, w: np.ndarray, node: gs.Node, stats, rng) -> np.ndarray:
+        if self.criterion == "random":
+            return rng.random(w.shape)
+        imp = np.abs(w.astype(np.float64))
+        if self.criterion == "stability":
+            axis = _input_axis(node)
+            std = stats[node.inputs[0].name][1]
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            imp = imp * std.reshape(shape)
+        return imp
+
+    def _mask(self, imp: np.ndarray, node: gs.Node, threshold: float | None) -> np.ndarray | None:
+        if self.nm is not None:
+            n, m = self.nm
+            rows = np.moveaxis(imp, _input_axis(node), -1)
+            if rows.shape[-1] % m:
+                return None
+            groups = rows.reshape(rows.shape[:-1] + (rows.shape[-1] // m, m))
+            order = np.argsort(-groups, axis=-1, kind="stable")
+            keep = np.zeros(groups.shape, bool)
+            np.put_along_axis(keep, order[..., :n], True, axis=-1)
+            return np.moveaxis(keep.reshape(rows.shape), -1, _input_axis(node))
+        if threshold is not None:
+            return imp > threshold
+        k = int(self.sparsity * imp.size)
+        keep = np.ones(imp.size, bool)
+        keep[np.argsort(imp.reshape(-1), kind="stable")[:k]] = False
+        return keep.reshape(imp.shape)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        skipped: list[tuple[str, str]] = []
+        warnings = ["prune-weights: onnxruntime has no sparse kernels on CPU; zeroed weights save file size "
+                    "(sparse_storage, or compression), not time"]
+        if self.criterion == "stability":
+            if ctx.calibration is None:
+                raise InputError("criterion=stability needs calibration data (--calib)")
+            if ctx.calibration_is_random:
+                warnings.append("prune-weights: stability statistics come from seeded random data; pass --calib")
+        cands = self._candidates(model, skipped)
+        stats = {"layers_pruned": 0, "weights_zeroed": 0, "weights_total": 0, "sparse_tensors": 0}
+        if not cands:
+            return PassResult(model, False, stats, skipped, warnings)
+        input_stats = self._input_stats(model, cands, ctx) if self.criterion == "stability" else {}
+        rng = np.random.default_rng(ctx.seed)
+        imps = {name: self._importance(model.constant_value(nodes[0].inputs[1]), nodes[0], input_stats, rng)
+                for name, nodes in cands.items()}
+        threshold = None
+        if self.scope == "global" and self.nm is None:
+            flat = np.concatenate([v.reshape(-1) for v in imps.values()])
+            k = int(self.sparsity * flat.size)
+            threshold = float(np.partition(flat, k - 1)[k - 1]) if k > 0 else -np.inf
+        for name, nodes in cands.items():
+            node = nodes[0]
+            label = node.name or node.op
+            w = model.constant_value(node.inputs[1])
+            mask = self._mask(imps[name], node, threshold)
+            if mask is None:
+                skipped.append((label, f"input features not a multiple of M in pattern {self.pattern}"))
+                continue
+            new = np.where(mask, w, np.float32(0)).astype(np.float32)
+            zeroed = int(np.count_nonzero(w) - np.count_nonzero(new))
+            if zeroed == 0:
+                skipped.append((label, "nothing below the threshold"))
+                continue
+            if self.criterion == "stability":
+                self._compensate_bias(model, nodes, w - new, input_stats, skipped)
+            stats["weights_zeroed"] += zeroed
+            stats["weights_total"] += int(w.size)
+            stats["layers_pruned"] += 1
+            tensor = self._store(model, label, new, skipped)
+            stats["sparse_tensors"] += int(isinstance(tensor, gs.Variable))
+            for n in nodes:
+                n.inputs[1] = tensor
+        stats["sparsity"] = round(stats["weights_zeroed"] / max(stats["weights_total"], 1), 4)
+        model.invalidate()
+        return PassResult(model, stats["layers_pruned"] > 0, stats, skipped, warnings)
+
+    def _store(self, model: Model, label: str, new: np.ndarray, skipped: list) -> gs.Tensor:
+        if self.sparse_storage:
+            idx = np.flatnonzero(new)
+            if idx.size * 12 < new.size * 4:
+                from onnx import helper, numpy_helper
+
+                name = model.unique_name(label + "_sparse_w")
+                sparse = helper.make_sparse_tensor(numpy_helper.from_array(new.reshape(-1)[idx], name),
+                                                   numpy_helper.from_array(idx.astype(np.int64), name + "_indices"),
+                                                   list(new.shape))
+                out = gs.Variable(name, dtype=np.float32, shape=list(new.shape))
+                model.graph.nodes.append(gs.Node("Constant", model.unique_name(label + "_sparse"),
+                                                 attrs={"sparse_value": sparse}, outputs=[out]))
+                return out
+            skipped.append((label, f"stored dense: at {1 - idx.size / new.size:.0%} sparsity a sparse tensor "
+                                   f"(int64 indices) would be larger"))
+        return gs.Constant(model.unique_name(label + "_pruned_w"), new)
+
+    @staticmethod
+    def _compensate_bias(model: Model, nodes: list[gs.Node], removed: np.ndarray, stats, skipped: list) -> None:
+        """Fold the removed weights' mean contribution (weight x input mean) into the bias."""
+        node = nodes[0]
+        label = node.name or node.op
+        if len(nodes) > 1:
+            skipped.append((label, "shared weight: removed weights' mean contribution not folded into a bias"))
+            return
+        mean = stats[node.inputs[0].name][0]
+        if node.op == "Conv":
+            delta = removed.astype(np.float64).reshape(removed.shape[0], removed.shape[1], -1).sum(-1) @ mean
+        elif node.op == "Gemm":
+            delta = (removed.T if node.attrs.get("transB", 0) else removed).astype(np.float64).T @ mean
+        elif node.op == "MatMul" and removed.ndim == 2:
+            delta = removed.astype(np.float64).T @ mean
+        else:
+            skipped.append((label, f"{node.op}: removed weights' mean contribution not folded into a bias"))
+            return
+        if node.op in ("Conv", "Gemm"):
+            old = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+            if len(node.inputs) > 2 and node.inputs[2].name and old is None:
+                skipped.append((label, "bias is not constant: mean contribution not folded"))
+                return
+            if node.op == "Gemm" and old is not None and old.shape != delta.shape:
+                skipped.append((label, "Gemm bias is broadcast: mean contribution not folded"))
+                return
+            bias = (delta if old is None else old.astype(np.float64) + delta).astype(np.float32)
+            b = gs.Constant(model.unique_name(label + "_bias"), bias)
+            if len(node.inputs) > 2:
+                node.inputs[2] = b
+            else:
+                node.inputs.append(b)
+            return
+        out = node.outputs[0]
+        consumers = list(out.outputs)
+        add = consumers[0] if len(consumers) == 1 and consumers[0].op == "Add" else None
+        if add is not None:
+            other = next((i for i, t in enumerate(add.inputs) if t is not out), None)
+            old = model.constant_value(add.inputs[other]) if other is not None else None
+            if old is not None and old.shape == delta.shape and old.dtype == np.float32:
+                add.inputs[other] = gs.Constant(model.unique_name(label + "_bias"),
+                                                (old.astype(np.float64) + delta).astype(np.float32))
+                return
+        skipped.append((label, "MatMul without a following constant bias Add: mean contribution not folded"))

@@ -426,3 +426,106 @@ def test_prune_channels_constant_node_weights_at_opset_11_and_external_data(tmp_
                                           output=str(out_path), tolerance={"cosine": 0.9})
         assert report.passes[-1].stats["groups_pruned"] >= 2
         onnx.checker.check_model(str(out_path), full_check=True)
+
+
+# -- prune-weights ------------------------------------------------------------------------------------
+def _linear(k=32, n=16, seed=16, const_feature=None):
+    r = rng(seed)
+    w = r.standard_normal((k, n)).astype(np.float32)
+    inits = [init("w", w), init("b", r.standard_normal(n).astype(np.float32)),
+             init("wc", r.standard_normal((4, 4, 3, 3)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="fc_bias")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", k])], [("y", FLOAT, ["N", n])], inits[:2])
+    calib = r.standard_normal((64, k)).astype(np.float32)
+    if const_feature is not None:
+        calib[:, const_feature] = 3.0
+    return proto, w, {"x": calib}
+
+
+def test_prune_weights_magnitude_zeroes_the_smallest_per_layer():
+    proto, w, calib = _linear()
+    out, report = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.25,min_elements=16"],
+                                        calibration=calib, tolerance={"cosine": 0.0})
+    onnx.checker.check_model(out, full_check=True)
+    new = _weights(out)["fc"]
+    assert np.count_nonzero(new == 0) == w.size // 4
+    assert np.abs(w[new == 0]).max() <= np.abs(w[new != 0]).min()
+    np.testing.assert_array_equal(new[new != 0], w[new != 0])
+    assert any("not time" in msg for msg in report.warnings)
+    assert report.passes[-1].stats["sparsity"] == 0.25
+
+
+def test_prune_weights_two_of_four_pattern_along_input_features():
+    proto, w, calib = _linear()
+    out, _ = onnxslim_kit.optimize(proto, passes=["prune-weights:pattern=2:4,min_elements=16"], calibration=calib,
+                                   tolerance={"cosine": 0.0})
+    new = _weights(out)["fc"]  # [K, N]: groups of 4 consecutive input features per output column
+    nonzero = (new != 0).reshape(8, 4, 16).sum(axis=1)
+    assert (nonzero == 2).all()
+
+
+def test_prune_weights_stability_folds_a_constant_input_feature_into_the_bias_exactly():
+    proto, w, calib = _linear(const_feature=5)
+    # 1/32 of the weights: the 16 weights on feature 5 have zero input variance, so zero importance.
+    out, report = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.03125,criterion=stability,min_elements=16"],
+                                        calibration=calib, tolerance=EXACT)
+    new = _weights(out)["fc"]
+    assert (new[5] == 0).all() and np.count_nonzero(new == 0) == 16
+    assert_parity(proto, out, {"x": calib["x"][:8]}, atol=1e-4, rtol=1e-4)
+
+
+def test_prune_weights_sparse_storage_is_smaller_and_survives_a_reload(tmp_path):
+    proto, w, calib = _linear(k=128, n=64)
+    dense, _ = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.9,min_elements=16"], calibration=calib,
+                                     tolerance={"cosine": 0.0})
+    path = tmp_path / "sparse.onnx"
+    sparse, report = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.9,min_elements=16,sparse_storage=true"],
+                                           calibration=calib, tolerance={"cosine": 0.0}, output=str(path))
+    assert any(a.type == onnx.AttributeProto.SPARSE_TENSOR for n in sparse.graph.node for a in n.attribute)
+    assert path.stat().st_size < 0.5 * dense.ByteSize()
+    onnx.checker.check_model(str(path), full_check=True)
+    feeds = {"x": calib["x"][:4]}
+    np.testing.assert_array_equal(run_model(sparse, feeds)[0], run_model(dense, feeds)[0])
+    again, _ = onnxslim_kit.optimize(str(path), passes=["cleanup"], calibration=calib)  # the IR keeps sparse values
+    np.testing.assert_allclose(run_model(again, feeds)[0], run_model(dense, feeds)[0], atol=1e-5)
+    # At 50% sparsity int64 indices would make it larger: stored dense, and said so.
+    _, report = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.5,min_elements=16,sparse_storage=true"],
+                                      calibration=calib, tolerance={"cosine": 0.0})
+    assert "would be larger" in _skips(report)["fc"]
+
+
+def test_prune_weights_reads_models_with_sparse_initializers():
+    proto, w, calib = _linear()
+    w0 = w.copy()
+    w0[w0 < 0.5] = 0
+    idx = np.flatnonzero(w0)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(w0.reshape(-1)[idx], "w"),
+                                       numpy_helper.from_array(idx.astype(np.int64), "w_idx"), list(w0.shape))
+    del proto.graph.initializer[0]
+    proto.graph.sparse_initializer.append(sparse)
+    out, _ = onnxslim_kit.optimize(proto, passes=["cleanup"], calibration=calib)
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w")), w0)
+    assert not out.graph.sparse_initializer
+
+
+def test_prune_weights_global_scope_and_skip_reasons():
+    r = rng(17)
+    inits = [init("w1", r.standard_normal((64, 64)).astype(np.float32) * 0.01),
+             init("w2", r.standard_normal((64, 64)).astype(np.float32)),
+             init("w3", r.standard_normal((64, 8)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="small_weights"),
+             helper.make_node("MatMul", ["a", "w2"], ["b"], name="big_weights"),
+             helper.make_node("MatMul", ["b", "w3"], ["y"], name="tiny")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 64])], [("y", FLOAT, ["N", 8])], inits)
+    out, report = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.5,scope=global,exclude=big_weights"],
+                                        calibration={"x": r.standard_normal((4, 64)).astype(np.float32)},
+                                        tolerance={"cosine": -1.0})
+    skips = _skips(report)
+    assert skips["big_weights"] == "excluded by option"
+    assert "min_elements" in skips["tiny"]
+    out2, _ = onnxslim_kit.optimize(proto, passes=["prune-weights:sparsity=0.5,scope=global"],
+                                    tolerance={"cosine": -1.0})
+    w = _weights(out2)
+    # one threshold over both: the 100x smaller weights go first
+    assert (w["small_weights"] == 0).mean() > 0.9 and (w["big_weights"] == 0).mean() < 0.1
