@@ -258,6 +258,7 @@ class PruneChannels(Pass):
     """
 
     name = "prune-channels"
+    MAX_ROWS = 512         # rows (positions) per calibration batch used by the reconstruction
     summary = "structured channel pruning over coupled-channel groups, with least-squares reconstruction"
     tolerance = Tolerance(min_cosine=0.9)
 
@@ -435,6 +436,7 @@ class PruneChannels(Pass):
             w_now = model.constant_value(node.inputs[1])
             fit = LeastSquaresFit()
             ok = True
+            rng = np.random.default_rng(ctx.seed)
             student = stream_activations(model, [name], ctx, None)
             for x_new, x_ref in zip(student, stream_activations(teacher, [name], ctx, None)):
                 rows_new = layer_rows(x_new[name], node, w_now.shape)
@@ -442,6 +444,10 @@ class PruneChannels(Pass):
                 if rows_new is None or rows_ref is None:
                     ok = False
                     break
+                if rows_new.shape[0] > self.MAX_ROWS:  # conv positions: a seeded sample is enough
+                    pick = np.sort(rng.choice(rows_new.shape[0], self.MAX_ROWS, replace=False))
+                    rows_new, rows_ref = rows_new[pick], rows_ref[pick]
+                rows_new, rows_ref = rows_new.astype(np.float64), rows_ref.astype(np.float64)
                 y = rows_ref @ target
                 if bias_ref is not None:
                     y += bias_ref.astype(np.float64)[cols]

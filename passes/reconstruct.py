@@ -25,13 +25,40 @@ def stream_activations(model: Model, names: Iterable[str], ctx: PassContext, lab
     from onnxslim_kit.shapes import with_outputs
 
     names = sorted(set(names))
-    proto = with_outputs(model.to_proto(value_info="drop"), names, model.value_infos())
+    proto = _trim_to(with_outputs(model.to_proto(value_info="drop"), names, model.value_infos()), names)
     sess = make_session(proto, optimize=False)
     index = {o.name: i for i, o in enumerate(sess.get_outputs())}
     feed_names = {i.name for i in sess.get_inputs()}
     for feed in (ctx.track(ctx.calibration, label) if label else ctx.calibration):
         outs = sess.run(None, {k: v for k, v in feed.items() if k in feed_names})
         yield {name: (outs[index[name]] if name in index else feed[name]) for name in names}
+
+
+def _trim_to(proto, names: list[str]):
+    """Keep only the nodes needed to compute ``names`` (the requested tensors become the only outputs), so
+    onnxruntime does not run the rest of the model for every calibration batch."""
+    wanted = set(names)
+    producer = {out: i for i, node in enumerate(proto.graph.node) for out in node.output}
+    keep: set[int] = set()
+    stack = [producer[n] for n in wanted if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in keep:
+            continue
+        keep.add(i)
+        node = proto.graph.node[i]
+        reads = list(node.input)
+        for attr in node.attribute:  # subgraphs read outer-scope values too
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                reads.extend(x for sub in g.node for x in sub.input)
+        stack.extend(producer[x] for x in reads if x in producer)
+    nodes = [n for i, n in enumerate(proto.graph.node) if i in keep]
+    outputs = [o for o in proto.graph.output if o.name in wanted]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
+    return proto
 
 
 def as_rows(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -90,11 +117,11 @@ def conv_patches(x: np.ndarray, weight_shape: tuple[int, ...], attrs: dict) -> n
 
 
 def layer_rows(x: np.ndarray, node, weight_shape: tuple[int, ...]) -> np.ndarray | None:
-    """The input of a Conv/Gemm/MatMul as the rows its weight matrix multiplies (float64), or None."""
+    """The input of a Conv/Gemm/MatMul as the rows its weight matrix multiplies (the input's dtype), or None."""
     if node.op == "Conv":
-        rows = conv_patches(np.asarray(x), weight_shape, node.attrs)
-        return None if rows is None else rows.astype(np.float64)
-    return as_rows(x)
+        return conv_patches(np.asarray(x), weight_shape, node.attrs)
+    x = np.asarray(x)
+    return x.reshape(-1, x.shape[-1])
 
 
 class LeastSquaresFit:
@@ -105,14 +132,17 @@ class LeastSquaresFit:
     it started from; cross-validation measures that on the held-out fold, and when no damping beats the
     prior the prior is kept (``solve`` then returns ``None``)."""
 
-    GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    WELL_DETERMINED = 10
 
     def __init__(self):
         self.gxx: list = [0.0, 0.0]
         self.gxy: list = [0.0, 0.0]
         self.batches = 0
+        self.rows = 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.rows += x.shape[0]
         fold = self.batches % 2
         self.gxx[fold] = self.gxx[fold] + x.T @ x
         self.gxy[fold] = self.gxy[fold] + x.T @ y
@@ -125,10 +155,13 @@ class LeastSquaresFit:
 
     def solve(self, prior: np.ndarray, damping: float | None = None) -> tuple[np.ndarray | None, float | None]:
         """(weights, damping used); weights None when the prior generalises best. A fixed ``damping``
-        skips the cross-validation."""
+        skips the cross-validation, and so does a well-determined fit (at least ``WELL_DETERMINED`` rows
+        per feature), where the damping barely matters and 1e-3 is used."""
         if self.batches == 0:
             return None, None
         gxx, gxy = self.gxx[0] + self.gxx[1], self.gxy[0] + self.gxy[1]
+        if damping is None and self.rows >= self.WELL_DETERMINED * gxx.shape[0]:
+            damping = 1e-3
         if damping is not None or self.batches < 2:
             d = 1e-2 if damping is None else damping
             return ridge_solve(gxx, gxy, d, prior=prior), d
