@@ -25,11 +25,18 @@ def stream_activations(model: Model, names: Iterable[str], ctx: PassContext, lab
     from onnxslim_kit.shapes import with_outputs
 
     names = sorted(set(names))
-    proto = _trim_to(with_outputs(model.to_proto(value_info="drop"), names, model.value_infos()), names)
+    inputs = {t.name for t in model.graph.inputs}
+    computed = [n for n in names if n not in inputs]
+    feeds = ctx.track(ctx.calibration, label) if label else ctx.calibration
+    if not computed:  # graph inputs only: the feeds are the activations
+        for feed in feeds:
+            yield {name: feed[name] for name in names}
+        return
+    proto = _trim_to(with_outputs(model.to_proto(value_info="drop"), computed, model.value_infos()), computed)
     sess = make_session(proto, optimize=False)
     index = {o.name: i for i, o in enumerate(sess.get_outputs())}
     feed_names = {i.name for i in sess.get_inputs()}
-    for feed in (ctx.track(ctx.calibration, label) if label else ctx.calibration):
+    for feed in feeds:
         outs = sess.run(None, {k: v for k, v in feed.items() if k in feed_names})
         yield {name: (outs[index[name]] if name in index else feed[name]) for name in names}
 
