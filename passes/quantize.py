@@ -53,6 +53,30 @@ def quantize_weight_symmetric(weight: np.ndarray, *, axis: int | None, bits: int
     return q, scale
 
 
+# Ops that mean the model is already quantized: quantizing it again would mix recipes (FIELD-NOTES 9).
+_QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                  "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+                  "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QGemm",
+                  "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
+                  "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")
+
+
+def refuse_quantized(model: Model) -> None:
+    """InputError when the model (or a subgraph) already holds quantized ops (FIELD-NOTES 9: onnxruntime's
+    static quantizer crashes on such models and its dynamic one silently does nothing)."""
+    found: dict[str, int] = {}
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.nodes:
+            if node.op in _QUANTIZED_OPS:
+                found[node.op] = found.get(node.op, 0) + 1
+            stack.extend(a for a in node.attrs.values() if isinstance(a, gs.Graph))
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items(), key=lambda kv: -kv[1])[:4])
+        raise InputError(f"the model is already quantized ({ops}); run quantization passes on its float original")
+
+
 def _match_weight(model: Model, node: gs.Node):
     """(weight tensor, weight as [K, N], bias tensor or None), or the reason to skip."""
     a = node.inputs[0]
@@ -134,6 +158,7 @@ class QuantizeDynamic(Pass):
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
     def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
         if model.opset < 10:
             raise InputError(f"opset {model.opset} has no MatMulInteger/DynamicQuantizeLinear (needs >= 10)")
 
@@ -303,6 +328,9 @@ class QuantizeWeights(Pass):
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
+
     def _resolve_format(self, opset: int) -> str:
         if self.format == "dq" or (self.format == "auto" and opset >= _DQ_MIN_OPSET[self.bits]):
             if opset < _DQ_MIN_OPSET[self.bits]:
@@ -440,6 +468,9 @@ class Fp16(Pass):
         self.keep_nodes = list(keep_nodes) if keep_nodes else []
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         infos = model.value_infos()
@@ -674,6 +705,9 @@ class QuantizeInt8(Pass):
         self.keep_first_last = keep_first_last
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
 
     # -- selection --------------------------------------------------------------------------------
     def _select(self, model: Model, skipped: list) -> list[gs.Node]:

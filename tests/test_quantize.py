@@ -379,3 +379,30 @@ def test_quantize_int8_sensitivity_fallback_says_when_target_is_unreachable():
     _, report = onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", "quantize-int8:target_cosine=1.0"])
     rec = report.passes[1]
     assert any("not reachable" in r for _, r in rec.skipped)
+
+
+def test_quantize_int8_refuses_dynamically_quantized_model():
+    dynamic, _ = onnxslim_kit.optimize(conv_bn_relu(), passes=["quantize-dynamic:min_elements=1"])
+    assert "MatMulInteger" in [n.op_type for n in dynamic.graph.node]
+    # before: the float Conv was quantized as well and the model silently mixed two recipes
+    with pytest.raises(InputError, match="^quantize-int8: the model is already quantized .*MatMulInteger"):
+        onnxslim_kit.optimize(dynamic, passes=["quantize-int8"])
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantize_int8_bias_overflow_keeps_bias_value_when_scale_raised(per_channel):
+    proto = conv_bn_relu()
+    bias = np.linspace(-3e8, 3e8, 8).astype(np.float32)
+    for t in proto.graph.initializer:
+        if t.name == "conv.b":
+            t.CopyFrom(onnx.numpy_helper.from_array(bias, "conv.b"))
+    out, report = onnxslim_kit.optimize(proto, passes=[f"quantize-int8:per_channel={str(per_channel).lower()}"],
+                                        check="off")
+    assert report.passes[0].stats["bias_scales_raised"] > 0
+    onnx.checker.check_model(out, full_check=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("conv.b"))
+    b_q, b_scale = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
+    assert np.abs(b_q).max() < 2 ** 31 - 1
+    # the int32 bias still represents the float bias (not clipped at the int32 limit)
+    assert np.all(np.abs(b_q * b_scale - bias) <= np.broadcast_to(b_scale, bias.shape) / 2 + 1e-3 * np.abs(bias))
