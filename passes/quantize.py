@@ -598,7 +598,8 @@ class _RangeCollector:
 
     BINS = 2048
 
-    def __init__(self, model_proto, names: list[str], infos, data, track, method: str, percentile: float):
+    def __init__(self, model_proto, names: list[str], infos, data, track, method: str, percentile: float,
+                 activation_type: str = "uint8"):
         from onnxslim_kit.runtime import make_session
 
         self.session = make_session(with_outputs(model_proto, names, infos), optimize=False)
@@ -607,6 +608,7 @@ class _RangeCollector:
         self.track = track
         self.method = method
         self.percentile = percentile
+        self.activation_type = activation_type
 
     def _runs(self, label):
         index = {o.name: i for i, o in enumerate(self.session.get_outputs())}
@@ -624,6 +626,8 @@ class _RangeCollector:
                     hi[n] = max(hi[n], float(v.max()))
         if self.method == "minmax":
             return {n: (lo[n], hi[n]) for n in self.names}
+        if self.method == "entropy":
+            return self._entropy_ranges(lo, hi)
         amax = {n: max(abs(lo[n]), abs(hi[n]), 1e-12) for n in self.names}
         hist = {n: np.zeros(self.BINS, np.int64) for n in self.names}
         for values in self._runs("calibrating histograms"):
@@ -642,6 +646,86 @@ class _RangeCollector:
             clip = amax[n] * bins / self.BINS
             out[n] = (max(lo[n], -clip), min(hi[n], clip))
         return out
+
+
+    def _entropy_ranges(self, lo: dict, hi: dict) -> dict[str, tuple[float, float]]:
+        """KL-divergence (TensorRT-style) clipping on the grid the tensor is really quantized to:
+        one-sided tensors (min >= 0, e.g. after Relu) get a histogram of x on [0, max] and 255 levels
+        (uint8) or 127 (the positive half of symmetric int8); signed tensors get |x| with 127 levels for
+        symmetric int8, and a signed histogram of x on [min, max] with a window shrunk towards zero and
+        255 levels for asymmetric uint8. Histogram ranges come from the min/max pass and stay fixed, so
+        batches add counts to the same bins. Exact zeros are not counted."""
+        signed_window = {n for n in self.names if lo[n] < 0 < hi[n] and self.activation_type == "uint8"}
+        edges = {}
+        for n in self.names:
+            if lo[n] >= 0:
+                edges[n] = (0.0, max(hi[n], 1e-12))
+            elif n in signed_window:
+                edges[n] = (lo[n], hi[n])
+            else:
+                edges[n] = (0.0, max(-lo[n], hi[n], 1e-12))
+        hist = {n: np.zeros(self.BINS, np.int64) for n in self.names}
+        for values in self._runs("calibrating histograms"):
+            for n, v in values.items():
+                x = v if lo[n] >= 0 or n in signed_window else np.abs(v)
+                # exact zeros (half of a post-Relu tensor) sit on the grid exactly and cost nothing;
+                # left in, their spike in bin 0 pulls the threshold down to make that bin narrow
+                hist[n] += np.histogram(x[x != 0], bins=self.BINS, range=edges[n])[0]
+        out = {}
+        for n in self.names:
+            a, b = edges[n]
+            if n in signed_window:
+                zero = -a / (b - a) * self.BINS
+                f = _kl_window_fraction(hist[n], zero_bin=zero, levels=255)
+                out[n] = (lo[n] * f, hi[n] * f)
+            else:
+                levels = 255 if lo[n] >= 0 and self.activation_type == "uint8" else 127
+                f = _kl_window_fraction(hist[n], zero_bin=0.0, levels=levels)
+                clip = b * f
+                out[n] = (max(lo[n], -clip), min(hi[n], clip))
+        return out
+
+
+def _kl_divergence_window(hist: np.ndarray, start: int, stop: int, levels: int) -> float:
+    """KL(P || Q): P = hist[start:stop] with the mass outside folded into the edge bins (what clipping
+    does to the data); Q = the window's own counts, without the clipped mass, quantized to ``levels``
+    equal-width steps, each step's mass spread over its non-empty bins. Leaving the clipped mass out of
+    Q is what makes clipping cost something: with it folded into both, a window of ``levels`` bins would
+    always score zero."""
+    inside = hist[start:stop].astype(np.float64)
+    p = inside.copy()
+    p[0] += hist[:start].sum()
+    p[-1] += hist[stop:].sum()
+    if p.sum() <= 0 or inside.sum() <= 0:
+        return np.inf
+    width = p.size
+    step_of = np.minimum((np.arange(width) * levels) // width, levels - 1)
+    nonzero = inside > 0
+    step_mass = np.bincount(step_of, weights=inside, minlength=levels)
+    step_count = np.bincount(step_of, weights=nonzero.astype(np.float64), minlength=levels)
+    q = np.where(nonzero, step_mass[step_of] / np.maximum(step_count[step_of], 1), 0.0)
+    p, q = p / p.sum(), q / q.sum()
+    used = p > 0
+    q = np.maximum(q[used], 1e-8)  # an edge bin holding only clipped mass: heavily penalised, not infinite
+    return float(np.sum(p[used] * np.log(p[used] / q)))
+
+
+def _kl_window_fraction(hist: np.ndarray, *, zero_bin: float, levels: int, steps: int = 128) -> float:
+    """Fraction f in (0, 1] of the histogram's range to keep: the window [zero - f*zero, zero +
+    f*(n - zero)] (bins) with the smallest KL divergence to its ``levels``-step quantized version. The
+    window never has fewer bins than levels (finer than the grid it models would be meaningless)."""
+    n = hist.size
+    if hist.sum() == 0:
+        return 1.0
+    best_f, best_kl = 1.0, np.inf
+    for f in np.linspace(min(1.0, levels / n), 1.0, steps):
+        start = int(np.floor(zero_bin - f * zero_bin))
+        stop = int(np.ceil(zero_bin + f * (n - zero_bin)))
+        start, stop = max(start, 0), min(max(stop, start + levels), n)
+        kl = _kl_divergence_window(hist, start, stop, levels)
+        if kl < best_kl - 1e-12:
+            best_f, best_kl = float(f), kl
+    return best_f
 
 
 def _mse_threshold_bins(hist: np.ndarray, *, levels: int, step: int = 16) -> int:
@@ -667,7 +751,8 @@ class QuantizeInt8(Pass):
 
     Options:
         calibration: activation range method: minmax, percentile of |x|, or mse (the clipping that
-            minimises the expected quantization MSE, from a streamed histogram)
+            minimises the expected quantization MSE, from a streamed histogram), or entropy (the
+            KL-divergence threshold, TensorRT-style, on the tensor's real quantization grid)
         percentile: percentile of |x| kept by the percentile method
         activation_type: uint8 (asymmetric, the fast U8S8 flavour on x86) or int8 (symmetric)
         per_channel: one weight scale per output channel (needs opset >= 13; per-tensor below)
@@ -685,7 +770,7 @@ class QuantizeInt8(Pass):
     needs = frozenset({"calibration"})
     tolerance = Tolerance(min_cosine=0.99)
 
-    def __init__(self, *, calibration: Literal["minmax", "percentile", "mse"] = "minmax",
+    def __init__(self, *, calibration: Literal["minmax", "percentile", "mse", "entropy"] = "minmax",
                  percentile: float = 99.999,
                  activation_type: Literal["uint8", "int8"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
@@ -811,7 +896,7 @@ class QuantizeInt8(Pass):
         tensors = self._tensors(model, nodes, self._fold_pairs(model, nodes))
         plan["proto"] = model.to_proto(value_info="drop")
         collector = _RangeCollector(plan["proto"], sorted(tensors), infos, ctx.calibration, ctx.track, self.calibration,
-                                    self.percentile)
+                                    self.percentile, self.activation_type)
         ranges = collector.ranges()
         del collector
         qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}

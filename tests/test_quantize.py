@@ -334,7 +334,7 @@ def test_quantize_int8_calibration_methods_clip_ranges_from_a_histogram():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["percentile", "mse"])
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
 def test_quantize_int8_histogram_methods_keep_parity(method):
     proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx",
                                           passes=["cleanup", f"quantize-int8:calibration={method}"],
@@ -406,3 +406,55 @@ def test_quantize_int8_bias_overflow_keeps_bias_value_when_scale_raised(per_chan
     assert np.abs(b_q).max() < 2 ** 31 - 1
     # the int32 bias still represents the float bias (not clipped at the int32 limit)
     assert np.all(np.abs(b_q * b_scale - bias) <= np.broadcast_to(b_scale, bias.shape) / 2 + 1e-3 * np.abs(bias))
+
+
+def test_quantize_int8_entropy_threshold_clips_outlier_not_bulk():
+    from passes.quantize import _kl_window_fraction
+
+    hist = np.zeros(2048, np.int64)
+    hist[:300] = np.linspace(100_000, 1_000, 300).astype(np.int64)  # bulk in the first 15% of the range
+    hist[2047] = 1                                                   # one far outlier
+    bins = _kl_window_fraction(hist, zero_bin=0.0, levels=255) * 2048
+    assert 255 <= bins < 700  # the outlier is clipped, the bulk kept
+    flat = np.full(2048, 1_000, np.int64)
+    assert _kl_window_fraction(flat, zero_bin=0.0, levels=255) == 1.0  # clipping uniform data only loses
+    # signed window around a zero in the middle: the outliers on both sides are clipped symmetrically
+    signed = np.zeros(2048, np.int64)
+    signed[824:1224] = (100_000 * np.exp(-0.5 * ((np.arange(824, 1224) - 1024) / 60.0) ** 2)).astype(np.int64)
+    signed[[0, 2047]] = 1
+    f = _kl_window_fraction(signed, zero_bin=1024.0, levels=255)
+    assert 124 / 1024 <= f < 0.5
+
+
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_quantize_int8_entropy_ranges_respect_sign_and_zeros(activation_type):
+    from passes.quantize import _RangeCollector
+
+    r = rng(12)
+    proto = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                        helper.make_node("Neg", ["x"], ["n"], name="neg")],
+                       [("x", FLOAT, ["B", 256])], [("r", FLOAT, None), ("n", FLOAT, None)])
+    feeds = [{"x": r.standard_normal((16, 256)).astype(np.float32)} for _ in range(4)]
+    ranges = _RangeCollector(proto, ["n", "r", "x"], {}, feeds, lambda it, _: it, "entropy", 99.9,
+                             activation_type).ranges()
+    lo, hi = ranges["r"]
+    positives = np.concatenate([f["x"][f["x"] > 0] for f in feeds])
+    # post-Relu: half the values are exact zeros; they must not pull the threshold to the bulk near 0
+    assert lo == 0.0 and np.quantile(positives, 0.99) <= hi <= positives.max()
+    for name in ("x", "n"):  # signed tensors keep their negative side under both activation types
+        lo, hi = ranges[name]
+        assert lo < -2.0 and hi > 2.0 and 0.5 < -lo / hi < 2.0
+
+
+@pytest.mark.slow
+def test_quantize_int8_entropy_keeps_digits_cnn_accuracy():
+    src = MODELS / "digits_cnn.onnx"
+    data = np.load(MODELS / "digits_cnn.eval.npz")
+    accuracy = {}
+    for method in ("minmax", "entropy"):
+        proto, report = onnxslim_kit.optimize(src, passes=["cleanup", f"quantize-int8:calibration={method}"],
+                                              calibration=MODELS / "digits_cnn.calib.npz")
+        onnx.checker.check_model(proto, full_check=True)
+        assert report.parity.ok and all(o.cosine > 0.9995 for o in report.parity.outputs)  # was 0.61 / 0.30
+        accuracy[method] = float((run_model(proto, {"image": data["image"]})[0].argmax(-1) == data["labels"]).mean())
+    assert accuracy["entropy"] >= accuracy["minmax"] - 0.005
