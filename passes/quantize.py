@@ -680,6 +680,8 @@ class _RangeCollector:
                 out[n] = (lo[n] * f, hi[n] * f)
             else:
                 levels = 255 if lo[n] >= 0 and self.activation_type == "uint8" else 127
+                if self.activation_type == "int16":
+                    levels = 32767  # finer than the histogram: entropy keeps the full range
                 f = _kl_window_fraction(hist[n], zero_bin=0.0, levels=levels)
                 clip = b * f
                 out[n] = (max(lo[n], -clip), min(hi[n], clip))
@@ -754,11 +756,19 @@ class QuantizeInt8(Pass):
             minimises the expected quantization MSE, from a streamed histogram), or entropy (the
             KL-divergence threshold, TensorRT-style, on the tensor's real quantization grid)
         percentile: percentile of |x| kept by the percentile method
-        activation_type: uint8 (asymmetric, the fast U8S8 flavour on x86) or int8 (symmetric)
+        activation_type: uint8 (asymmetric, the fast U8S8 flavour on x86), int8 (symmetric), or int16
+            (symmetric A16W8, opset >= 21; onnxruntime's CPU provider runs it as DQ -> float op -> Q,
+            not as an integer kernel: for accuracy studies and accelerators, not CPU speed)
+        int16_nodes: compute node names whose input and output activations are int16 while the rest
+            use activation_type ('+'-separated; opset >= 21)
         per_channel: one weight scale per output channel (needs opset >= 13; per-tensor below)
         reduce_range: 7-bit weights (for CPUs without VNNI)
         op_types: compute ops to quantize, '+'-separated (Conv+MatMul+Gemm)
         exclude: node names kept in float, '+'-separated
+        exclude_op_types: op types kept in float, '+'-separated (compute ops, Add, pools, Concat,
+            data-movement ops), e.g. Gemm
+        include: only these compute node names are quantized ('+'-separated; Add/pool/Concat between
+            quantized tensors follow them)
         keep_first_last: keep the first and last compute node in float
         target_cosine: sensitivity fallback: keep the fewest, most sensitive layers in float until the
             outputs' cosine vs the float model reaches this (measured on the calibration data)
@@ -772,9 +782,11 @@ class QuantizeInt8(Pass):
 
     def __init__(self, *, calibration: Literal["minmax", "percentile", "mse", "entropy"] = "minmax",
                  percentile: float = 99.999,
-                 activation_type: Literal["uint8", "int8"] = "uint8", per_channel: bool = True,
+                 activation_type: Literal["uint8", "int8", "int16"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
-                 keep_first_last: bool = False, target_cosine: float | None = None, min_cosine: float = 0.99):
+                 keep_first_last: bool = False, target_cosine: float | None = None, min_cosine: float = 0.99,
+                 int16_nodes: list[str] | None = None, exclude_op_types: list[str] | None = None,
+                 include: list[str] | None = None):
         self.calibration, self.percentile = calibration, percentile
         if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
             raise ValueError("target_cosine must be in (0, 1]")
@@ -787,17 +799,40 @@ class QuantizeInt8(Pass):
         if unknown:
             raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} ({'+'.join(_COMPUTE_OPS)})")
         self.exclude = list(exclude) if exclude else []
+        self.int16_nodes = list(int16_nodes) if int16_nodes else []
+        self.exclude_op_types = list(exclude_op_types) if exclude_op_types else []
+        known = set(_COMPUTE_OPS + _QUANT_FRIENDLY + _SHARE_SCALE)
+        unknown = set(self.exclude_op_types) - known
+        if unknown:
+            raise ValueError(f"exclude_op_types: {', '.join(sorted(unknown))} is not quantized by this pass "
+                             f"(one of {'+'.join(sorted(known))})")
+        self.include = list(include) if include else None
         self.keep_first_last = keep_first_last
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
     def requires(self, model: Model, ctx: PassContext) -> None:
         refuse_quantized(model)
+        if (self.activation_type == "int16" or self.int16_nodes) and model.opset < 21:
+            what = "activation_type=int16" if self.activation_type == "int16" else "int16_nodes"
+            raise InputError(f"{what} needs opset >= 21 (int16 QuantizeLinear/DequantizeLinear); the model has "
+                             f"{model.opset}")
+        names = {n.name for n in model.nodes}
+        for option, wanted in (("include", self.include or []), ("int16_nodes", self.int16_nodes)):
+            missing = [n for n in wanted if n not in names]
+            if missing:
+                raise InputError(f"{option}: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
 
     # -- selection --------------------------------------------------------------------------------
     def _select(self, model: Model, skipped: list) -> list[gs.Node]:
         compute = []
         for node in model.nodes:
+            if node.op == "ConvTranspose" and model.constant_value(node.inputs[1]) is not None:
+                # measured with onnxruntime 1.32 (CPU): QDQ around ConvTranspose is not fused (uint8, int8,
+                # per channel on axis 1 or per tensor): it would run DQ -> float ConvTranspose, slower
+                skipped.append((node.name or "<ConvTranspose>", "ConvTranspose kept in float: onnxruntime's CPU "
+                                                                "provider has no fused QDQ ConvTranspose kernel"))
+                continue
             if node.op not in self.op_types:
                 continue
             label = node.name or f"<{node.op}>"
@@ -805,6 +840,12 @@ class QuantizeInt8(Pass):
                 continue
             if node.name in self.exclude:
                 skipped.append((label, "excluded by option"))
+                continue
+            if node.op in self.exclude_op_types:
+                skipped.append((label, f"op type {node.op} excluded by option"))
+                continue
+            if self.include is not None and node.name not in self.include:
+                skipped.append((label, "not in include"))
                 continue
             w = model.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if w is None or w.dtype != np.float32:
@@ -878,7 +919,7 @@ class QuantizeInt8(Pass):
         selected = {id(n) for n in compute}
         # Friendly ops between quantized tensors run quantized too (QLinearAdd, QLinearConcat, pools).
         for node in model.nodes:
-            if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
+            if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and node.op not in self.exclude_op_types and \
                     all(model.constant_value(t) is None and is_float(t) for t in node.inputs) and \
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))
@@ -886,7 +927,8 @@ class QuantizeInt8(Pass):
         produced = {t.name for n in model.nodes if id(n) in selected for t in n.outputs}
         consumed = {t.name for n in model.nodes if id(n) in selected for t in n.inputs}
         for node in model.nodes:
-            if node.op in _SHARE_SCALE and node.name not in self.exclude and is_float(node.inputs[0]) and \
+            if node.op in _SHARE_SCALE and node.name not in self.exclude and node.op not in self.exclude_op_types and \
+                    is_float(node.inputs[0]) and \
                     model.constant_value(node.inputs[0]) is None and \
                     (node.inputs[0].name in produced or node.outputs[0].name in consumed):
                 selected.add(id(node))
@@ -899,7 +941,8 @@ class QuantizeInt8(Pass):
                                     self.percentile, self.activation_type)
         ranges = collector.ranges()
         del collector
-        qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}
+        wide = self._wide_tensors(nodes)
+        qparams = {name: self._activation_qparams(*ranges[name], wide=name in wide) for name in tensors}
         for node in nodes:  # topological order: chains of data-movement ops share one scale
             if node.op in _SHARE_SCALE and node.inputs[0].name in qparams and node.outputs[0].name in qparams:
                 qparams[node.outputs[0].name] = qparams[node.inputs[0].name]
@@ -913,8 +956,11 @@ class QuantizeInt8(Pass):
         if self.activation_type != "uint8":
             return pairs
         outer = model.outer_scope_names()  # values read by subgraphs are not quantized: Relu must stay
+        wide = self._wide_tensors(nodes)  # symmetric int16 does not clamp at zero: its Relu must stay
         for node in nodes:
             if node.op not in _COMPUTE_OPS + ("Add",):  # residual Add -> Relu folds like Conv -> Relu
+                continue
+            if node.outputs[0].name in wide or any(u.outputs[0].name in wide for u in model.consumers(node.outputs[0])):
                 continue
             users = model.consumers(node.outputs[0])
             if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
@@ -922,6 +968,12 @@ class QuantizeInt8(Pass):
                     and users[0].outputs[0].name not in outer and node.outputs[0].name not in outer:
                 pairs[node.name] = users[0]
         return pairs
+
+    def _wide_tensors(self, nodes: list[gs.Node]) -> set[str]:
+        """Activation tensors quantized to int16 because an ``int16_nodes`` compute node reads or writes them."""
+        wanted = set(self.int16_nodes)
+        return {t.name for n in nodes if n.name in wanted and n.op in _COMPUTE_OPS
+                for t in (n.inputs[0], n.outputs[0])}
 
     @staticmethod
     def _tensors(model: Model, nodes: list[gs.Node], fold: dict[str, gs.Node]) -> dict[str, gs.Tensor]:
@@ -961,8 +1013,9 @@ class QuantizeInt8(Pass):
                 continue
             scale, zp = qparams[name]
             s_t = tensor_from_array(model.unique_name(name + "_scale"), np.array(scale, np.float32))
-            z_t = tensor_from_array(model.unique_name(name + "_zero_point"), np.array(zp, dtype=self._act_dtype()))
-            q = gs.Variable(model.unique_name(name + "_quantized"), dtype=self._act_dtype(), shape=t.shape)
+            act_dtype = zp.dtype if isinstance(zp, np.generic) else self._act_dtype()  # int16 zero points are typed
+            z_t = tensor_from_array(model.unique_name(name + "_zero_point"), np.array(zp, dtype=act_dtype))
+            q = gs.Variable(model.unique_name(name + "_quantized"), dtype=act_dtype, shape=t.shape)
             dq = gs.Variable(model.unique_name(name + "_dequantized"), dtype=np.float32, shape=t.shape)
             users = list(t.outputs)
             model.graph.nodes.append(gs.Node("QuantizeLinear", model.unique_name(name + "_Q"),
@@ -1048,11 +1101,13 @@ class QuantizeInt8(Pass):
 
     # -- helpers ------------------------------------------------------------------------------------
     def _act_dtype(self):
-        return np.uint8 if self.activation_type == "uint8" else np.int8
+        return {"uint8": np.uint8, "int8": np.int8, "int16": np.int16}[self.activation_type]
 
-    def _activation_qparams(self, lo: float, hi: float) -> tuple[float, int]:
+    def _activation_qparams(self, lo: float, hi: float, wide: bool = False) -> tuple[float, int]:
         if not np.isfinite(lo) or not np.isfinite(hi):
             lo, hi = 0.0, 1.0
+        if wide or self.activation_type == "int16":  # symmetric int16 (A16W8): the zero point carries the type
+            return float(max(abs(lo), abs(hi)) / 32767.0 or 1.0), np.int16(0)
         if self.activation_type == "uint8":
             lo, hi = min(lo, 0.0), max(hi, 0.0)
             scale = (hi - lo) / 255.0 or 1.0

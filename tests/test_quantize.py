@@ -458,3 +458,80 @@ def test_quantize_int8_entropy_keeps_digits_cnn_accuracy():
         assert report.parity.ok and all(o.cosine > 0.9995 for o in report.parity.outputs)  # was 0.61 / 0.30
         accuracy[method] = float((run_model(proto, {"image": data["image"]})[0].argmax(-1) == data["labels"]).mean())
     assert accuracy["entropy"] >= accuracy["minmax"] - 0.005
+
+
+def _zero_point_types(proto, tensor_prefix):
+    return {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer
+            if t.name.startswith(tensor_prefix) and t.name.endswith("_zero_point")}
+
+
+def _max_error(reference, candidate):
+    x = rng(13).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    return float(np.abs(run_model(reference, {"x": x})[0] - run_model(candidate, {"x": x})[0]).max())
+
+
+def test_quantize_int8_int16_activations_are_more_accurate_and_run_unfused(tmp_path):
+    src = conv_bn_relu(opset=21)
+    a8, _ = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8"])
+    a16, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:activation_type=int16"])
+    onnx.checker.check_model(a16, full_check=True)
+    assert report.parity.ok and report.passes[1].stats["nodes_quantized"] == 2
+    assert _zero_point_types(a16, "conv_out") == _zero_point_types(a16, "x") == {"INT16"}
+    assert "Relu" in [n.op_type for n in a16.graph.node]  # symmetric int16 does not clamp at zero
+    # int8 weight rounding stays, the activation rounding (2^8 times finer) all but goes
+    assert _max_error(src, a16) < 0.8 * _max_error(src, a8)
+    fused = _fused_ops(a16, tmp_path)
+    # onnxruntime 1.32 (CPU) has no int16 QLinearConv/QGemm: it runs DQ -> float Conv/Gemm -> Q
+    assert "Conv" in fused and "Gemm" in fused and "QLinearConv" not in fused
+
+
+def test_quantize_int8_int16_nodes_widen_only_those_layers(tmp_path):
+    src = conv_bn_relu(opset=21)
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:int16_nodes=conv"])
+    onnx.checker.check_model(out, full_check=True)
+    assert report.parity.ok and report.passes[1].stats["nodes_quantized"] == 2
+    assert _zero_point_types(out, "x") == {"INT16"} and _zero_point_types(out, "conv_out") == {"INT16"}
+    assert _zero_point_types(out, "flat") == {"UINT8"}
+    fused = _fused_ops(out, tmp_path)
+    assert "QGemm" in fused and "Conv" in fused  # the uint8 layer still fuses, the int16 one runs in float
+
+
+@pytest.mark.parametrize("spec", ["quantize-int8:activation_type=int16", "quantize-int8:int16_nodes=conv"])
+def test_quantize_int8_int16_needs_opset_21(spec):
+    with pytest.raises(InputError, match=r"^quantize-int8: .*int16.* needs opset >= 21 .* the model has 17"):
+        onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", spec])
+
+
+def test_quantize_int8_exclude_op_types_and_include_select_nodes(tmp_path):
+    src = conv_bn_relu()
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:exclude_op_types=Gemm"])
+    onnx.checker.check_model(out, full_check=True)
+    assert ("fc", "op type Gemm excluded by option") in report.passes[1].skipped and report.parity.ok
+    fused = _fused_ops(out, tmp_path)
+    assert "QLinearConv" in fused and "Gemm" in fused and "QGemm" not in fused
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:include=fc"])
+    onnx.checker.check_model(out, full_check=True)
+    assert ("conv", "not in include") in report.passes[1].skipped and report.parity.ok
+    fused = _fused_ops(out, tmp_path)
+    assert "QGemm" in fused and "Conv" in fused and "QLinearConv" not in fused
+    with pytest.raises(InputError, match="^quantize-int8: include: no node named 'nope'"):
+        onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:include=nope"])
+    with pytest.raises(InputError, match="exclude_op_types: Relu is not quantized"):
+        build_pass("quantize-int8", {"exclude_op_types": "Relu"})
+
+
+def test_quantize_int8_conv_transpose_stays_float_with_reason():
+    r = rng(14)
+    inits = [init("up.w", (r.standard_normal((8, 4, 2, 2)) * 0.3).astype(np.float32)),  # [C_in, C_out/g, kH, kW]
+             init("conv.w", (r.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32))]
+    nodes = [helper.make_node("ConvTranspose", ["x", "up.w"], ["up"], name="up", strides=[2, 2]),
+             helper.make_node("Conv", ["up", "conv.w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    src = make_model(nodes, [("x", FLOAT, ["N", 8, 4, 4])], [("y", FLOAT, ["N", 6, 8, 8])], inits)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
+    onnx.checker.check_model(out, full_check=True)
+    rec = report.passes[0]
+    assert ("up", "ConvTranspose kept in float: onnxruntime's CPU provider has no fused QDQ ConvTranspose kernel") \
+        in rec.skipped
+    assert rec.stats["nodes_quantized"] == 1 and report.parity.ok
+    weights = {n.input[1] for n in out.graph.node if n.op_type == "ConvTranspose"}
+    assert weights == {"up.w"}  # still the float weight
