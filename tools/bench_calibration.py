@@ -6,7 +6,9 @@ models, same calibration samples.
 
 Prints per model and variant: min cosine of the outputs vs fp32 (on the held-out eval set where the model
 ships one, else on the calibration samples themselves), held-out accuracy (digits CNN) and the tool's run
-time. Accuracy only: no latencies (all variants produce the same graph, only the ranges differ).
+time. Accuracy only for the calibration methods (they produce the same graph, only the ranges differ).
+For opset >= 21 models also `activation_type=int16` (A16W8), with latencies of fp32 / uint8 / int16
+(interleaved rounds, one session alive at a time): onnxruntime runs int16 QDQ as DQ -> float op -> Q.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quantize import cosines, outputs  # noqa: E402
+from bench_quantize import cosines, latencies, outputs  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
 
@@ -64,12 +66,15 @@ def ort_static(src, out, feeds, tmp, method):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["digits_cnn", "resnet_tiny", "bert_tiny"])
+    parser.add_argument("--models", nargs="+",
+                        default=["digits_cnn", "resnet_tiny", "bert_tiny", "mobilenetv3_tiny_opset23"])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     rows = []
     for name in args.models:
         src = str(ROOT / "models" / f"{name}.onnx")
-        calib = str(ROOT / "models" / f"{name}.calib.npz")
+        calib = str(ROOT / "models" / f"{name.split('_opset')[0]}.calib.npz")
         specs = input_specs(onnx.load(src))
         feeds = list(load_calibration(calib, specs))
         eval_path = ROOT / "models" / f"{name}.eval.npz"
@@ -83,6 +88,9 @@ def main(argv=None) -> int:
         paths, secs = {}, {}
         jobs = [(f"ours {m}", lambda o, m=m: ours(src, o, calib, m)) for m in METHODS]
         jobs += [(f"ORT {m}", lambda o, m=m: ort_static(src, o, feeds, tmp, m)) for m in ("MinMax", "Entropy")]
+        opset = next(o.version for o in onnx.load(src, load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+        if opset >= 21:
+            jobs.append(("ours int16 (A16W8)", lambda o: ours(src, o, calib, "minmax,activation_type=int16")))
         for label, job in jobs:
             out = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
             try:
@@ -100,6 +108,13 @@ def main(argv=None) -> int:
                 acc = f"{float((outputs(path, eval_feeds, 2)[0][0].argmax(-1) == labels).mean()):.4f} " \
                       f"(fp32 {fp32_acc:.4f})"
             rows.append([name, label, f"{min(cos[label]):.5f}", acc, f"{secs[label]:.2f}"])
+            print(" | ".join(rows[-1]), flush=True)
+        if "ours int16 (A16W8)" in paths:
+            times = latencies({"fp32": src, "uint8": paths["ours minmax"], "int16": paths["ours int16 (A16W8)"]},
+                              feeds[0], 2, args.runs, args.rounds)
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            rows.append([name, "latency vs fp32 (uint8 / int16)",
+                         f"{med['uint8'] / med['fp32']:.3f} / {med['int16'] / med['fp32']:.3f}", "", ""])
             print(" | ".join(rows[-1]), flush=True)
         for m, ref in (("minmax", "MinMax"), ("entropy", "Entropy")):
             if f"ours {m}" in cos and f"ORT {ref}" in cos:
