@@ -1019,7 +1019,8 @@ class QuantizeInt8(Pass):
         selected = {id(n) for n in compute}
         # Friendly ops between quantized tensors run quantized too (QLinearAdd, QLinearConcat, pools).
         for node in model.nodes:
-            if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and node.op not in self.exclude_op_types and \
+            if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
+                    node.op not in self.exclude_op_types and \
                     all(model.constant_value(t) is None and is_float(t) for t in node.inputs) and \
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))

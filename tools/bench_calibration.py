@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         paths, secs = {}, {}
         jobs = [(f"ours {m}", lambda o, m=m: ours(src, o, calib, m)) for m in METHODS]
         jobs += [(f"ORT {m}", lambda o, m=m: ort_static(src, o, feeds, tmp, m)) for m in ("MinMax", "Entropy")]
-        opset = next(o.version for o in onnx.load(src, load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+        opset = next(o.version for o in onnx.load(src, load_external_data=False).opset_import
+                     if o.domain in ("", "ai.onnx"))
         if opset >= 21:
             jobs.append(("ours int16 (A16W8)", lambda o: ours(src, o, calib, "minmax,activation_type=int16")))
         for label, job in jobs:
