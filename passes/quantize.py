@@ -104,7 +104,8 @@ def _match_weight(model: Model, node: gs.Node):
 
 
 
-def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipped: list):
+def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipped: list, *,
+                       exclude_op_types=(), include=None):
     """MatMul/Gemm nodes with a constant float32 2-D weight: yields (node, weight tensor, weight as
     [K, N], bias tensor or None); every node left alone goes into ``skipped`` with its reason."""
     for node in list(model.nodes):
@@ -113,6 +114,12 @@ def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipp
         label = node.name or f"<{node.op}>"
         if node.name in exclude:
             skipped.append((label, "excluded by option"))
+            continue
+        if node.op in exclude_op_types:
+            skipped.append((label, f"op type {node.op} excluded by option"))
+            continue
+        if include is not None and node.name not in include:
+            skipped.append((label, "not in include"))
             continue
         plan = _match_weight(model, node)
         if isinstance(plan, str):
@@ -358,6 +365,8 @@ class QuantizeWeights(Pass):
             data; same format and size, lower output error than round-to-nearest)
         gptq_damping: GPTQ Hessian damping, as a fraction of its mean diagonal
         exclude: node names to keep in float, '+'-separated
+        exclude_op_types: op types to keep in float, '+'-separated (MatMul, Gemm)
+        include: only these node names are quantized, '+'-separated
         min_elements: skip weights smaller than this many elements
         min_cosine: parity bound this pass promises on the final outputs
     """
@@ -369,7 +378,8 @@ class QuantizeWeights(Pass):
     def __init__(self, *, bits: Literal[4, 8, 2] = 4, block_size: int = 32, symmetric: bool = True,
                  format: Literal["auto", "dq", "matmulnbits"] = "auto", accuracy_level: int = 4,
                  exclude: list[str] | None = None, min_elements: int = 4096, min_cosine: float = 0.98,
-                 gptq: bool = False, gptq_damping: float = 0.01):
+                 gptq: bool = False, gptq_damping: float = 0.01, exclude_op_types: list[str] | None = None,
+                 include: list[str] | None = None):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two >= 16")
         if bits == 2 and format == "matmulnbits":
@@ -380,6 +390,12 @@ class QuantizeWeights(Pass):
             raise ValueError("gptq_damping must be > 0")
         self.gptq, self.gptq_damping = gptq, gptq_damping
         self.exclude = list(exclude) if exclude else []
+        self.exclude_op_types = list(exclude_op_types) if exclude_op_types else []
+        unknown = set(self.exclude_op_types) - {"MatMul", "Gemm"}
+        if unknown:
+            raise ValueError(f"exclude_op_types: {', '.join(sorted(unknown))} is not quantized by this pass "
+                             f"(MatMul, Gemm)")
+        self.include = list(include) if include else None
         self.min_elements = min_elements
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
@@ -388,6 +404,9 @@ class QuantizeWeights(Pass):
         refuse_quantized(model)
         if self.gptq and ctx.calibration is None:
             raise InputError("gptq=true needs calibration data (--calib)")
+        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
+        if missing:
+            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
 
     def _resolve_format(self, opset: int) -> str:
         if self.format == "dq" or (self.format == "auto" and opset >= _DQ_MIN_OPSET[self.bits]):
@@ -409,7 +428,8 @@ class QuantizeWeights(Pass):
         if fmt == "matmulnbits":
             warnings.append("quantize-weights: using com.microsoft.MatMulNBits (runs in onnxruntime only); "
                             "opset >= 21 models get standard DequantizeLinear")
-        candidates = list(_weight_candidates(model, ("MatMul", "Gemm"), self.exclude, self.min_elements, skipped))
+        candidates = list(_weight_candidates(model, ("MatMul", "Gemm"), self.exclude, self.min_elements, skipped,
+                                             exclude_op_types=self.exclude_op_types, include=self.include))
         hessians = self._hessians(model, candidates, ctx, warnings) if self.gptq and candidates else {}
         for node, weight_t, weight, bias_t in candidates:
             label = node.name or f"<{node.op}>"

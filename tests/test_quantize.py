@@ -600,3 +600,23 @@ def test_quantize_weights_gptq_improves_bert_tiny_int4():
         assert report.parity.ok
         cosines[gptq] = min(o.cosine for o in report.parity.outputs)
     assert 1 - cosines["true"] < 0.5 * (1 - cosines["false"])  # measured 0.99978 vs 0.99739 (pooled output)
+
+
+def test_quantize_weights_exclude_op_types_and_include_select_nodes():
+    proto = _fc(21)
+    x = rng(4).standard_normal((2, 4, 128)).astype(np.float32)
+    for spec, kept, reason in [("exclude_op_types=Gemm", "gemm", "op type Gemm excluded by option"),
+                               ("include=gemm", "mm", "not in include")]:
+        model, records = Pipeline.from_specs([f"quantize-weights:min_elements=16,{spec}"]).run(
+            Model.from_proto(proto), PassContext())
+        out = model.to_proto()
+        onnx.checker.check_model(out, full_check=True)
+        rec = records[0]
+        assert rec.stats["nodes_quantized"] == 1 and (kept, reason) in rec.skipped
+        ops = [n.op_type for n in out.graph.node]
+        assert ops.count("DequantizeLinear") == 1 and ("Gemm" in ops) == (kept == "gemm")
+        assert _cosine(run_model(proto, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.99
+    with pytest.raises(InputError, match="^quantize-weights: include: no node named 'nope'"):
+        Pipeline.from_specs(["quantize-weights:include=nope"]).run(Model.from_proto(proto), PassContext())
+    with pytest.raises(InputError, match="exclude_op_types: Conv is not quantized"):
+        build_pass("quantize-weights", {"exclude_op_types": "Conv"})
