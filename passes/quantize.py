@@ -776,23 +776,26 @@ class _RangeCollector:
         255 levels for asymmetric uint8. Histogram ranges come from the min/max pass and stay fixed, so
         batches add counts to the same bins. Exact zeros are not counted."""
         signed_window = {n for n in self.names if lo[n] < 0 < hi[n] and self.activation_type == "uint8"}
+        finite = [n for n in self.names if np.isfinite(lo[n]) and np.isfinite(hi[n])]
         edges = {}
-        for n in self.names:
+        for n in finite:  # a tensor with Inf/NaN keeps its min/max (quantization falls back for it)
             if lo[n] >= 0:
                 edges[n] = (0.0, max(hi[n], 1e-12))
             elif n in signed_window:
                 edges[n] = (lo[n], hi[n])
             else:
                 edges[n] = (0.0, max(-lo[n], hi[n], 1e-12))
-        hist = {n: np.zeros(self.BINS, np.int64) for n in self.names}
+        hist = {n: np.zeros(self.BINS, np.int64) for n in finite}
         for values in self._runs("calibrating histograms"):
             for n, v in values.items():
+                if n not in hist:
+                    continue
                 x = v if lo[n] >= 0 or n in signed_window else np.abs(v)
                 # exact zeros (half of a post-Relu tensor) sit on the grid exactly and cost nothing;
                 # left in, their spike in bin 0 pulls the threshold down to make that bin narrow
                 hist[n] += np.histogram(x[x != 0], bins=self.BINS, range=edges[n])[0]
-        out = {}
-        for n in self.names:
+        out = {n: (lo[n], hi[n]) for n in self.names if n not in hist}
+        for n in finite:
             a, b = edges[n]
             if n in signed_window:
                 zero = -a / (b - a) * self.BINS
