@@ -314,6 +314,9 @@ def _cast(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     """Cast within a kind (float64 -> float32, int64 -> int32 when values fit)."""
     array = np.asarray(array)
     _check_dtype(array.dtype, spec, label)
+    if spec.dtype.kind == "f" and array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise InputError(f"{label}: '{spec.name}' has {bad} NaN/Inf value(s); calibration data must be finite")
     if array.dtype == spec.dtype:
         return np.ascontiguousarray(array)
     if spec.dtype.kind == "f":

@@ -53,6 +53,30 @@ def quantize_weight_symmetric(weight: np.ndarray, *, axis: int | None, bits: int
     return q, scale
 
 
+# Ops that mean the model is already quantized: quantizing it again would mix recipes (FIELD-NOTES 9).
+_QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                  "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+                  "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QGemm",
+                  "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
+                  "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized")
+
+
+def refuse_quantized(model: Model) -> None:
+    """InputError when the model (or a subgraph) already holds quantized ops (FIELD-NOTES 9: onnxruntime's
+    static quantizer crashes on such models and its dynamic one silently does nothing)."""
+    found: dict[str, int] = {}
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.nodes:
+            if node.op in _QUANTIZED_OPS:
+                found[node.op] = found.get(node.op, 0) + 1
+            stack.extend(a for a in node.attrs.values() if isinstance(a, gs.Graph))
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items(), key=lambda kv: -kv[1])[:4])
+        raise InputError(f"the model is already quantized ({ops}); run quantization passes on its float original")
+
+
 def _match_weight(model: Model, node: gs.Node):
     """(weight tensor, weight as [K, N], bias tensor or None), or the reason to skip."""
     a = node.inputs[0]
@@ -80,7 +104,8 @@ def _match_weight(model: Model, node: gs.Node):
 
 
 
-def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipped: list):
+def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipped: list, *,
+                       exclude_op_types=(), include=None):
     """MatMul/Gemm nodes with a constant float32 2-D weight: yields (node, weight tensor, weight as
     [K, N], bias tensor or None); every node left alone goes into ``skipped`` with its reason."""
     for node in list(model.nodes):
@@ -89,6 +114,12 @@ def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipp
         label = node.name or f"<{node.op}>"
         if node.name in exclude:
             skipped.append((label, "excluded by option"))
+            continue
+        if node.op in exclude_op_types:
+            skipped.append((label, f"op type {node.op} excluded by option"))
+            continue
+        if include is not None and node.name not in include:
+            skipped.append((label, "not in include"))
             continue
         plan = _match_weight(model, node)
         if isinstance(plan, str):
@@ -134,6 +165,7 @@ class QuantizeDynamic(Pass):
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
     def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
         if model.opset < 10:
             raise InputError(f"opset {model.opset} has no MatMulInteger/DynamicQuantizeLinear (needs >= 10)")
 
@@ -263,6 +295,55 @@ def quantize_blocked(weight: np.ndarray, *, bits: int, block_size: int, symmetri
     return q.reshape(-1, n)[:k], scale, zero
 
 
+def gptq_blocked(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
+                 damping: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ (Frantar et al. 2022) for a [K, N] weight of ``y = x @ W``: quantize the input rows of W in
+    order, block by block (each block's scales from its current, error-updated rows), and spread every
+    row's rounding error over the rows not yet quantized, weighted by the inverse Hessian H = X^T X of
+    the layer input, so that ``x @ W_q`` stays close to ``x @ W``. Same return values as
+    :func:`quantize_blocked`."""
+    from .reconstruct import gram_cholesky
+
+    k, n = weight.shape
+    w = weight.astype(np.float64).copy()
+    h = np.asarray(hessian, np.float64).copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0  # an input that is always zero: its weight row is irrelevant
+    w[dead] = 0.0
+    chol = gram_cholesky(h, damping)                        # L L^T = H + damping * mean(diag H) * I
+    inv_l = np.linalg.inv(chol)
+    upper = np.linalg.cholesky(inv_l.T @ inv_l).T           # U^T U = H^-1, upper triangular
+    qmax = 2 ** (bits - 1) - 1 if bits > 2 else 1
+    levels = 2 ** bits - 1
+    q = np.zeros((k, n), np.int16)
+    blocks = -(-k // block_size)
+    scales = np.zeros((blocks, n), np.float32)
+    zeros = None if symmetric else np.zeros((blocks, n), np.int16)
+    for b, b0 in enumerate(range(0, k, block_size)):
+        b1 = min(b0 + block_size, k)
+        _, scale, zero = quantize_blocked(w[b0:b1].astype(np.float32), bits=bits, block_size=block_size,
+                                          symmetric=symmetric)
+        scale, zero = scale[0].astype(np.float64), None if zero is None else zero[0]
+        scales[b] = scale
+        if zeros is not None:
+            zeros[b] = zero
+        err = np.zeros((b1 - b0, n))
+        for i in range(b0, b1):
+            row = w[i]
+            if symmetric:
+                qi = np.clip(np.rint(row / scale), -qmax, qmax)
+                deq = qi * scale
+            else:
+                qi = np.clip(np.rint(row / scale) + zero, 0, levels)
+                deq = (qi - zero) * scale
+            q[i] = qi
+            e = (row - deq) / upper[i, i]
+            w[i + 1:b1] -= np.outer(upper[i, i + 1:b1], e)
+            err[i - b0] = e
+        w[b1:] -= upper[b0:b1, b1:].T @ err
+    return q, scales, zeros
+
+
 def dequantize_blocked(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int) -> np.ndarray:
     k, n = q.shape
     idx = np.arange(k) // block_size
@@ -280,7 +361,12 @@ class QuantizeWeights(Pass):
         symmetric: symmetric signed values (true) or asymmetric with zero points (false)
         format: auto (standard DequantizeLinear when the opset allows, else MatMulNBits), dq, matmulnbits
         accuracy_level: MatMulNBits compute precision (4 = int8 compute, fastest on CPU)
+        gptq: GPTQ error-compensating rounding from the layer inputs' second moments (needs calibration
+            data; same format and size, lower output error than round-to-nearest)
+        gptq_damping: GPTQ Hessian damping, as a fraction of its mean diagonal
         exclude: node names to keep in float, '+'-separated
+        exclude_op_types: op types to keep in float, '+'-separated (MatMul, Gemm)
+        include: only these node names are quantized, '+'-separated
         min_elements: skip weights smaller than this many elements
         min_cosine: parity bound this pass promises on the final outputs
     """
@@ -291,17 +377,36 @@ class QuantizeWeights(Pass):
 
     def __init__(self, *, bits: Literal[4, 8, 2] = 4, block_size: int = 32, symmetric: bool = True,
                  format: Literal["auto", "dq", "matmulnbits"] = "auto", accuracy_level: int = 4,
-                 exclude: list[str] | None = None, min_elements: int = 4096, min_cosine: float = 0.98):
+                 exclude: list[str] | None = None, min_elements: int = 4096, min_cosine: float = 0.98,
+                 gptq: bool = False, gptq_damping: float = 0.01, exclude_op_types: list[str] | None = None,
+                 include: list[str] | None = None):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two >= 16")
         if bits == 2 and format == "matmulnbits":
             raise ValueError("bits=2 is only available as DequantizeLinear (format=dq, opset >= 25)")
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.format, self.accuracy_level = format, accuracy_level
+        if gptq_damping <= 0:
+            raise ValueError("gptq_damping must be > 0")
+        self.gptq, self.gptq_damping = gptq, gptq_damping
         self.exclude = list(exclude) if exclude else []
+        self.exclude_op_types = list(exclude_op_types) if exclude_op_types else []
+        unknown = set(self.exclude_op_types) - {"MatMul", "Gemm"}
+        if unknown:
+            raise ValueError(f"exclude_op_types: {', '.join(sorted(unknown))} is not quantized by this pass "
+                             f"(MatMul, Gemm)")
+        self.include = list(include) if include else None
         self.min_elements = min_elements
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
+        if self.gptq and ctx.calibration is None:
+            raise InputError("gptq=true needs calibration data (--calib)")
+        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
+        if missing:
+            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
 
     def _resolve_format(self, opset: int) -> str:
         if self.format == "dq" or (self.format == "auto" and opset >= _DQ_MIN_OPSET[self.bits]):
@@ -323,19 +428,29 @@ class QuantizeWeights(Pass):
         if fmt == "matmulnbits":
             warnings.append("quantize-weights: using com.microsoft.MatMulNBits (runs in onnxruntime only); "
                             "opset >= 21 models get standard DequantizeLinear")
-        for node, weight_t, weight, bias_t in _weight_candidates(model, ("MatMul", "Gemm"), self.exclude,
-                                                                self.min_elements, skipped):
+        candidates = list(_weight_candidates(model, ("MatMul", "Gemm"), self.exclude, self.min_elements, skipped,
+                                             exclude_op_types=self.exclude_op_types, include=self.include))
+        hessians = self._hessians(model, candidates, ctx, warnings) if self.gptq and candidates else {}
+        for node, weight_t, weight, bias_t in candidates:
             label = node.name or f"<{node.op}>"
             k, n = weight.shape
             if fmt == "matmulnbits" and k % self.block_size:
                 skipped.append((label, f"K={k} is not a multiple of block_size={self.block_size}"))
                 continue
             key = (id(weight_t), node.op == "Gemm" and bool(node.attrs.get("transB", 0)))
-            q, scale, zero = quantize_blocked(weight, bits=self.bits, block_size=self.block_size,
-                                              symmetric=self.symmetric)
-            err = np.linalg.norm(dequantize_blocked(q, scale, zero, self.block_size) - weight) / \
-                max(np.linalg.norm(weight), 1e-12)
-            stats["max_weight_rel_error"] = max(stats["max_weight_rel_error"], round(float(err), 6))
+            if self.gptq and key not in cache:
+                q, scale, zero = gptq_blocked(weight, hessians[key], bits=self.bits, block_size=self.block_size,
+                                              symmetric=self.symmetric, damping=self.gptq_damping)
+                self._gptq_stats(stats, weight, hessians[key], q, scale, zero)
+            elif self.gptq:
+                q, scale, zero = None, None, None  # tied weight: already quantized for every user at once
+            else:
+                q, scale, zero = quantize_blocked(weight, bits=self.bits, block_size=self.block_size,
+                                                  symmetric=self.symmetric)
+            if q is not None:
+                err = np.linalg.norm(dequantize_blocked(q, scale, zero, self.block_size) - weight) / \
+                    max(np.linalg.norm(weight), 1e-12)
+                stats["max_weight_rel_error"] = max(stats["max_weight_rel_error"], round(float(err), 6))
             if key not in cache:
                 stats["weights_quantized"] += 1
                 stats["weight_bytes_before"] += weight.nbytes
@@ -345,6 +460,39 @@ class QuantizeWeights(Pass):
             self._replace(model, node, cache[key], bias_t, fmt, k, n)
             stats["nodes_quantized"] += 1
         return PassResult(model, stats["nodes_quantized"] > 0, stats, skipped, warnings)
+
+    def _hessians(self, model: Model, candidates, ctx: PassContext, warnings: list) -> dict:
+        """X^T X of each candidate weight's input(s), streamed over the calibration data; a weight shared
+        by several MatMuls gets the sum over its users (it must serve all their inputs)."""
+        from .reconstruct import as_rows, stream_activations
+
+        if ctx.calibration_is_random:
+            warnings.append("quantize-weights: gptq Hessians come from seeded random data; pass --calib")
+        names = sorted({node.inputs[0].name for node, *_ in candidates})
+        grams: dict[str, np.ndarray] = {}
+        for acts in stream_activations(model, names, ctx, "quantize-weights: gptq input statistics"):
+            for name, x in acts.items():
+                x = as_rows(x)
+                grams[name] = grams.get(name, 0) + x.T @ x
+        out: dict = {}
+        for node, weight_t, _, _ in candidates:
+            key = (id(weight_t), node.op == "Gemm" and bool(node.attrs.get("transB", 0)))
+            out[key] = out.get(key, 0) + grams[node.inputs[0].name]
+        return out
+
+    def _gptq_stats(self, stats: dict, weight, hessian, q, scale, zero) -> None:
+        """Layer output error tr(E^T H E) of GPTQ relative to round-to-nearest (< 1: GPTQ is better)."""
+        rtn = dequantize_blocked(*quantize_blocked(weight, bits=self.bits, block_size=self.block_size,
+                                                   symmetric=self.symmetric), self.block_size) - weight
+        gptq = dequantize_blocked(q, scale, zero, self.block_size) - weight
+
+        def output_error(e):
+            e = e.astype(np.float64)
+            return float(np.sum(e * (hessian @ e)))
+
+        ratio = output_error(gptq) / max(output_error(rtn), 1e-30)
+        stats["gptq_layers"] = stats.get("gptq_layers", 0) + 1
+        stats["gptq_max_error_ratio"] = max(stats.get("gptq_max_error_ratio", 0.0), round(ratio, 6))
 
     def _emit_weight(self, model: Model, base: str, q, scale, zero, fmt):
         signed, unsigned = _SUB_BYTE[self.bits]
@@ -440,6 +588,9 @@ class Fp16(Pass):
         self.keep_nodes = list(keep_nodes) if keep_nodes else []
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         infos = model.value_infos()
@@ -567,7 +718,8 @@ class _RangeCollector:
 
     BINS = 2048
 
-    def __init__(self, model_proto, names: list[str], infos, data, track, method: str, percentile: float):
+    def __init__(self, model_proto, names: list[str], infos, data, track, method: str, percentile: float,
+                 activation_type: str = "uint8"):
         from onnxslim_kit.runtime import make_session
 
         self.session = make_session(with_outputs(model_proto, names, infos), optimize=False)
@@ -576,6 +728,7 @@ class _RangeCollector:
         self.track = track
         self.method = method
         self.percentile = percentile
+        self.activation_type = activation_type
 
     def _runs(self, label):
         index = {o.name: i for i, o in enumerate(self.session.get_outputs())}
@@ -593,6 +746,8 @@ class _RangeCollector:
                     hi[n] = max(hi[n], float(v.max()))
         if self.method == "minmax":
             return {n: (lo[n], hi[n]) for n in self.names}
+        if self.method == "entropy":
+            return self._entropy_ranges(lo, hi)
         amax = {n: max(abs(lo[n]), abs(hi[n]), 1e-12) for n in self.names}
         hist = {n: np.zeros(self.BINS, np.int64) for n in self.names}
         for values in self._runs("calibrating histograms"):
@@ -611,6 +766,91 @@ class _RangeCollector:
             clip = amax[n] * bins / self.BINS
             out[n] = (max(lo[n], -clip), min(hi[n], clip))
         return out
+
+
+    def _entropy_ranges(self, lo: dict, hi: dict) -> dict[str, tuple[float, float]]:
+        """KL-divergence (TensorRT-style) clipping on the grid the tensor is really quantized to:
+        one-sided tensors (min >= 0, e.g. after Relu) get a histogram of x on [0, max] and 255 levels
+        (uint8) or 127 (the positive half of symmetric int8); signed tensors get |x| with 127 levels for
+        symmetric int8, and a signed histogram of x on [min, max] with a window shrunk towards zero and
+        255 levels for asymmetric uint8. Histogram ranges come from the min/max pass and stay fixed, so
+        batches add counts to the same bins. Exact zeros are not counted."""
+        signed_window = {n for n in self.names if lo[n] < 0 < hi[n] and self.activation_type == "uint8"}
+        finite = [n for n in self.names if np.isfinite(lo[n]) and np.isfinite(hi[n])]
+        edges = {}
+        for n in finite:  # a tensor with Inf/NaN keeps its min/max (quantization falls back for it)
+            if lo[n] >= 0:
+                edges[n] = (0.0, max(hi[n], 1e-12))
+            elif n in signed_window:
+                edges[n] = (lo[n], hi[n])
+            else:
+                edges[n] = (0.0, max(-lo[n], hi[n], 1e-12))
+        hist = {n: np.zeros(self.BINS, np.int64) for n in finite}
+        for values in self._runs("calibrating histograms"):
+            for n, v in values.items():
+                if n not in hist:
+                    continue
+                x = v if lo[n] >= 0 or n in signed_window else np.abs(v)
+                # exact zeros (half of a post-Relu tensor) sit on the grid exactly and cost nothing;
+                # left in, their spike in bin 0 pulls the threshold down to make that bin narrow
+                hist[n] += np.histogram(x[x != 0], bins=self.BINS, range=edges[n])[0]
+        out = {n: (lo[n], hi[n]) for n in self.names if n not in hist}
+        for n in finite:
+            a, b = edges[n]
+            if n in signed_window:
+                zero = -a / (b - a) * self.BINS
+                f = _kl_window_fraction(hist[n], zero_bin=zero, levels=255)
+                out[n] = (lo[n] * f, hi[n] * f)
+            else:
+                levels = 255 if lo[n] >= 0 and self.activation_type == "uint8" else 127
+                if self.activation_type == "int16":
+                    levels = 32767  # finer than the histogram: entropy keeps the full range
+                f = _kl_window_fraction(hist[n], zero_bin=0.0, levels=levels)
+                clip = b * f
+                out[n] = (max(lo[n], -clip), min(hi[n], clip))
+        return out
+
+
+def _kl_divergence_window(hist: np.ndarray, start: int, stop: int, levels: int) -> float:
+    """KL(P || Q): P = hist[start:stop] with the mass outside folded into the edge bins (what clipping
+    does to the data); Q = the window's own counts, without the clipped mass, quantized to ``levels``
+    equal-width steps, each step's mass spread over its non-empty bins. Leaving the clipped mass out of
+    Q is what makes clipping cost something: with it folded into both, a window of ``levels`` bins would
+    always score zero."""
+    inside = hist[start:stop].astype(np.float64)
+    p = inside.copy()
+    p[0] += hist[:start].sum()
+    p[-1] += hist[stop:].sum()
+    if p.sum() <= 0 or inside.sum() <= 0:
+        return np.inf
+    width = p.size
+    step_of = np.minimum((np.arange(width) * levels) // width, levels - 1)
+    nonzero = inside > 0
+    step_mass = np.bincount(step_of, weights=inside, minlength=levels)
+    step_count = np.bincount(step_of, weights=nonzero.astype(np.float64), minlength=levels)
+    q = np.where(nonzero, step_mass[step_of] / np.maximum(step_count[step_of], 1), 0.0)
+    p, q = p / p.sum(), q / q.sum()
+    used = p > 0
+    q = np.maximum(q[used], 1e-8)  # an edge bin holding only clipped mass: heavily penalised, not infinite
+    return float(np.sum(p[used] * np.log(p[used] / q)))
+
+
+def _kl_window_fraction(hist: np.ndarray, *, zero_bin: float, levels: int, steps: int = 128) -> float:
+    """Fraction f in (0, 1] of the histogram's range to keep: the window [zero - f*zero, zero +
+    f*(n - zero)] (bins) with the smallest KL divergence to its ``levels``-step quantized version. The
+    window never has fewer bins than levels (finer than the grid it models would be meaningless)."""
+    n = hist.size
+    if hist.sum() == 0:
+        return 1.0
+    best_f, best_kl = 1.0, np.inf
+    for f in np.linspace(min(1.0, levels / n), 1.0, steps):
+        start = int(np.floor(zero_bin - f * zero_bin))
+        stop = int(np.ceil(zero_bin + f * (n - zero_bin)))
+        start, stop = max(start, 0), min(max(stop, start + levels), n)
+        kl = _kl_divergence_window(hist, start, stop, levels)
+        if kl < best_kl - 1e-12:
+            best_f, best_kl = float(f), kl
+    return best_f
 
 
 def _mse_threshold_bins(hist: np.ndarray, *, levels: int, step: int = 16) -> int:
@@ -636,13 +876,22 @@ class QuantizeInt8(Pass):
 
     Options:
         calibration: activation range method: minmax, percentile of |x|, or mse (the clipping that
-            minimises the expected quantization MSE, from a streamed histogram)
+            minimises the expected quantization MSE, from a streamed histogram), or entropy (the
+            KL-divergence threshold, TensorRT-style, on the tensor's real quantization grid)
         percentile: percentile of |x| kept by the percentile method
-        activation_type: uint8 (asymmetric, the fast U8S8 flavour on x86) or int8 (symmetric)
+        activation_type: uint8 (asymmetric, the fast U8S8 flavour on x86), int8 (symmetric), or int16
+            (symmetric A16W8, opset >= 21; onnxruntime's CPU provider runs it as DQ -> float op -> Q,
+            not as an integer kernel: for accuracy studies and accelerators, not CPU speed)
+        int16_nodes: compute node names whose input and output activations are int16 while the rest
+            use activation_type ('+'-separated; opset >= 21)
         per_channel: one weight scale per output channel (needs opset >= 13; per-tensor below)
         reduce_range: 7-bit weights (for CPUs without VNNI)
         op_types: compute ops to quantize, '+'-separated (Conv+MatMul+Gemm)
         exclude: node names kept in float, '+'-separated
+        exclude_op_types: op types kept in float, '+'-separated (compute ops, Add, pools, Concat,
+            data-movement ops), e.g. Gemm
+        include: only these compute node names are quantized ('+'-separated; Add/pool/Concat between
+            quantized tensors follow them)
         keep_first_last: keep the first and last compute node in float
         target_cosine: sensitivity fallback: keep the fewest, most sensitive layers in float until the
             outputs' cosine vs the float model reaches this (measured on the calibration data)
@@ -654,11 +903,13 @@ class QuantizeInt8(Pass):
     needs = frozenset({"calibration"})
     tolerance = Tolerance(min_cosine=0.99)
 
-    def __init__(self, *, calibration: Literal["minmax", "percentile", "mse"] = "minmax",
+    def __init__(self, *, calibration: Literal["minmax", "percentile", "mse", "entropy"] = "minmax",
                  percentile: float = 99.999,
-                 activation_type: Literal["uint8", "int8"] = "uint8", per_channel: bool = True,
+                 activation_type: Literal["uint8", "int8", "int16"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
-                 keep_first_last: bool = False, target_cosine: float | None = None, min_cosine: float = 0.99):
+                 keep_first_last: bool = False, target_cosine: float | None = None, min_cosine: float = 0.99,
+                 int16_nodes: list[str] | None = None, exclude_op_types: list[str] | None = None,
+                 include: list[str] | None = None):
         self.calibration, self.percentile = calibration, percentile
         if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
             raise ValueError("target_cosine must be in (0, 1]")
@@ -671,14 +922,40 @@ class QuantizeInt8(Pass):
         if unknown:
             raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} ({'+'.join(_COMPUTE_OPS)})")
         self.exclude = list(exclude) if exclude else []
+        self.int16_nodes = list(int16_nodes) if int16_nodes else []
+        self.exclude_op_types = list(exclude_op_types) if exclude_op_types else []
+        known = set(_COMPUTE_OPS + _QUANT_FRIENDLY + _SHARE_SCALE)
+        unknown = set(self.exclude_op_types) - known
+        if unknown:
+            raise ValueError(f"exclude_op_types: {', '.join(sorted(unknown))} is not quantized by this pass "
+                             f"(one of {'+'.join(sorted(known))})")
+        self.include = list(include) if include else None
         self.keep_first_last = keep_first_last
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
+
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        refuse_quantized(model)
+        if (self.activation_type == "int16" or self.int16_nodes) and model.opset < 21:
+            what = "activation_type=int16" if self.activation_type == "int16" else "int16_nodes"
+            raise InputError(f"{what} needs opset >= 21 (int16 QuantizeLinear/DequantizeLinear); the model has "
+                             f"{model.opset}")
+        names = {n.name for n in model.nodes}
+        for option, wanted in (("include", self.include or []), ("int16_nodes", self.int16_nodes)):
+            missing = [n for n in wanted if n not in names]
+            if missing:
+                raise InputError(f"{option}: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
 
     # -- selection --------------------------------------------------------------------------------
     def _select(self, model: Model, skipped: list) -> list[gs.Node]:
         compute = []
         for node in model.nodes:
+            if node.op == "ConvTranspose" and model.constant_value(node.inputs[1]) is not None:
+                # measured with onnxruntime 1.32 (CPU): QDQ around ConvTranspose is not fused (uint8, int8,
+                # per channel on axis 1 or per tensor): it would run DQ -> float ConvTranspose, slower
+                skipped.append((node.name or "<ConvTranspose>", "ConvTranspose kept in float: onnxruntime's CPU "
+                                                                "provider has no fused QDQ ConvTranspose kernel"))
+                continue
             if node.op not in self.op_types:
                 continue
             label = node.name or f"<{node.op}>"
@@ -686,6 +963,12 @@ class QuantizeInt8(Pass):
                 continue
             if node.name in self.exclude:
                 skipped.append((label, "excluded by option"))
+                continue
+            if node.op in self.exclude_op_types:
+                skipped.append((label, f"op type {node.op} excluded by option"))
+                continue
+            if self.include is not None and node.name not in self.include:
+                skipped.append((label, "not in include"))
                 continue
             w = model.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if w is None or w.dtype != np.float32:
@@ -760,6 +1043,7 @@ class QuantizeInt8(Pass):
         # Friendly ops between quantized tensors run quantized too (QLinearAdd, QLinearConcat, pools).
         for node in model.nodes:
             if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
+                    node.op not in self.exclude_op_types and \
                     all(model.constant_value(t) is None and is_float(t) for t in node.inputs) and \
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))
@@ -767,7 +1051,8 @@ class QuantizeInt8(Pass):
         produced = {t.name for n in model.nodes if id(n) in selected for t in n.outputs}
         consumed = {t.name for n in model.nodes if id(n) in selected for t in n.inputs}
         for node in model.nodes:
-            if node.op in _SHARE_SCALE and node.name not in self.exclude and is_float(node.inputs[0]) and \
+            if node.op in _SHARE_SCALE and node.name not in self.exclude and node.op not in self.exclude_op_types and \
+                    is_float(node.inputs[0]) and \
                     model.constant_value(node.inputs[0]) is None and \
                     (node.inputs[0].name in produced or node.outputs[0].name in consumed):
                 selected.add(id(node))
@@ -777,10 +1062,11 @@ class QuantizeInt8(Pass):
         tensors = self._tensors(model, nodes, self._fold_pairs(model, nodes))
         plan["proto"] = model.to_proto(value_info="drop")
         collector = _RangeCollector(plan["proto"], sorted(tensors), infos, ctx.calibration, ctx.track, self.calibration,
-                                    self.percentile)
+                                    self.percentile, self.activation_type)
         ranges = collector.ranges()
         del collector
-        qparams = {name: self._activation_qparams(*ranges[name]) for name in tensors}
+        wide = self._wide_tensors(nodes)
+        qparams = {name: self._activation_qparams(*ranges[name], wide=name in wide) for name in tensors}
         for node in nodes:  # topological order: chains of data-movement ops share one scale
             if node.op in _SHARE_SCALE and node.inputs[0].name in qparams and node.outputs[0].name in qparams:
                 qparams[node.outputs[0].name] = qparams[node.inputs[0].name]
@@ -794,8 +1080,11 @@ class QuantizeInt8(Pass):
         if self.activation_type != "uint8":
             return pairs
         outer = model.outer_scope_names()  # values read by subgraphs are not quantized: Relu must stay
+        wide = self._wide_tensors(nodes)  # symmetric int16 does not clamp at zero: its Relu must stay
         for node in nodes:
             if node.op not in _COMPUTE_OPS + ("Add",):  # residual Add -> Relu folds like Conv -> Relu
+                continue
+            if node.outputs[0].name in wide or any(u.outputs[0].name in wide for u in model.consumers(node.outputs[0])):
                 continue
             users = model.consumers(node.outputs[0])
             if len(users) == 1 and users[0].op in _REMOVABLE_ACTIVATIONS and \
@@ -803,6 +1092,12 @@ class QuantizeInt8(Pass):
                     and users[0].outputs[0].name not in outer and node.outputs[0].name not in outer:
                 pairs[node.name] = users[0]
         return pairs
+
+    def _wide_tensors(self, nodes: list[gs.Node]) -> set[str]:
+        """Activation tensors quantized to int16 because an ``int16_nodes`` compute node reads or writes them."""
+        wanted = set(self.int16_nodes)
+        return {t.name for n in nodes if n.name in wanted and n.op in _COMPUTE_OPS
+                for t in (n.inputs[0], n.outputs[0])}
 
     @staticmethod
     def _tensors(model: Model, nodes: list[gs.Node], fold: dict[str, gs.Node]) -> dict[str, gs.Tensor]:
@@ -842,8 +1137,9 @@ class QuantizeInt8(Pass):
                 continue
             scale, zp = qparams[name]
             s_t = tensor_from_array(model.unique_name(name + "_scale"), np.array(scale, np.float32))
-            z_t = tensor_from_array(model.unique_name(name + "_zero_point"), np.array(zp, dtype=self._act_dtype()))
-            q = gs.Variable(model.unique_name(name + "_quantized"), dtype=self._act_dtype(), shape=t.shape)
+            act_dtype = zp.dtype if isinstance(zp, np.generic) else self._act_dtype()  # int16 zero points are typed
+            z_t = tensor_from_array(model.unique_name(name + "_zero_point"), np.array(zp, dtype=act_dtype))
+            q = gs.Variable(model.unique_name(name + "_quantized"), dtype=act_dtype, shape=t.shape)
             dq = gs.Variable(model.unique_name(name + "_dequantized"), dtype=np.float32, shape=t.shape)
             users = list(t.outputs)
             model.graph.nodes.append(gs.Node("QuantizeLinear", model.unique_name(name + "_Q"),
@@ -929,11 +1225,13 @@ class QuantizeInt8(Pass):
 
     # -- helpers ------------------------------------------------------------------------------------
     def _act_dtype(self):
-        return np.uint8 if self.activation_type == "uint8" else np.int8
+        return {"uint8": np.uint8, "int8": np.int8, "int16": np.int16}[self.activation_type]
 
-    def _activation_qparams(self, lo: float, hi: float) -> tuple[float, int]:
+    def _activation_qparams(self, lo: float, hi: float, wide: bool = False) -> tuple[float, int]:
         if not np.isfinite(lo) or not np.isfinite(hi):
             lo, hi = 0.0, 1.0
+        if wide or self.activation_type == "int16":  # symmetric int16 (A16W8): the zero point carries the type
+            return float(max(abs(lo), abs(hi)) / 32767.0 or 1.0), np.int16(0)
         if self.activation_type == "uint8":
             lo, hi = min(lo, 0.0), max(hi, 0.0)
             scale = (hi - lo) / 255.0 or 1.0

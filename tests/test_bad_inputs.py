@@ -109,3 +109,25 @@ def test_bad_input_output_folder_missing(tmp_path, good):
 
 def test_bad_input_directory_as_model(tmp_path):
     _expect_one_line_error(["inspect", tmp_path], tmp_path, "is a directory")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_bad_input_calibration_with_nan_or_inf_names_the_input(tmp_path, good, bad):
+    x = np.zeros((4, 3, 8, 8), np.float32)
+    x[2, 1, 3, 3] = bad
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    _expect_one_line_error(["optimize", good, "-o", tmp_path / "o.onnx", "--calib", calib, "-p", "quantize-int8"],
+                           tmp_path, "calib.npz", "'x'", "1 NaN/Inf value(s)")
+
+
+@pytest.mark.parametrize("spec", ["quantize-int8", "quantize-dynamic:min_elements=1", "quantize-weights:min_elements=1",
+                                  "fp16"])
+def test_bad_input_already_quantized_model_is_refused(tmp_path, spec):
+    import onnxslim_kit
+
+    quantized, _ = onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", "quantize-int8"])
+    path = tmp_path / "int8.onnx"
+    onnx.save(quantized, path)
+    _expect_one_line_error(["optimize", path, "-o", tmp_path / "o.onnx", "-p", spec], tmp_path,
+                           spec.partition(":")[0], "already quantized", "QuantizeLinear")

@@ -334,7 +334,7 @@ def test_quantize_int8_calibration_methods_clip_ranges_from_a_histogram():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["percentile", "mse"])
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
 def test_quantize_int8_histogram_methods_keep_parity(method):
     proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx",
                                           passes=["cleanup", f"quantize-int8:calibration={method}"],
@@ -379,3 +379,244 @@ def test_quantize_int8_sensitivity_fallback_says_when_target_is_unreachable():
     _, report = onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", "quantize-int8:target_cosine=1.0"])
     rec = report.passes[1]
     assert any("not reachable" in r for _, r in rec.skipped)
+
+
+def test_quantize_int8_refuses_dynamically_quantized_model():
+    dynamic, _ = onnxslim_kit.optimize(conv_bn_relu(), passes=["quantize-dynamic:min_elements=1"])
+    assert "MatMulInteger" in [n.op_type for n in dynamic.graph.node]
+    # before: the float Conv was quantized as well and the model silently mixed two recipes
+    with pytest.raises(InputError, match="^quantize-int8: the model is already quantized .*MatMulInteger"):
+        onnxslim_kit.optimize(dynamic, passes=["quantize-int8"])
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantize_int8_bias_overflow_keeps_bias_value_when_scale_raised(per_channel):
+    proto = conv_bn_relu()
+    bias = np.linspace(-3e8, 3e8, 8).astype(np.float32)
+    for t in proto.graph.initializer:
+        if t.name == "conv.b":
+            t.CopyFrom(onnx.numpy_helper.from_array(bias, "conv.b"))
+    out, report = onnxslim_kit.optimize(proto, passes=[f"quantize-int8:per_channel={str(per_channel).lower()}"],
+                                        check="off")
+    assert report.passes[0].stats["bias_scales_raised"] > 0
+    onnx.checker.check_model(out, full_check=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("conv.b"))
+    b_q, b_scale = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
+    assert np.abs(b_q).max() < 2 ** 31 - 1
+    # the int32 bias still represents the float bias (not clipped at the int32 limit)
+    assert np.all(np.abs(b_q * b_scale - bias) <= np.broadcast_to(b_scale, bias.shape) / 2 + 1e-3 * np.abs(bias))
+
+
+def test_quantize_int8_entropy_threshold_clips_outlier_not_bulk():
+    from passes.quantize import _kl_window_fraction
+
+    hist = np.zeros(2048, np.int64)
+    hist[:300] = np.linspace(100_000, 1_000, 300).astype(np.int64)  # bulk in the first 15% of the range
+    hist[2047] = 1                                                   # one far outlier
+    bins = _kl_window_fraction(hist, zero_bin=0.0, levels=255) * 2048
+    assert 255 <= bins < 700  # the outlier is clipped, the bulk kept
+    flat = np.full(2048, 1_000, np.int64)
+    assert _kl_window_fraction(flat, zero_bin=0.0, levels=255) == 1.0  # clipping uniform data only loses
+    # signed window around a zero in the middle: the outliers on both sides are clipped symmetrically
+    signed = np.zeros(2048, np.int64)
+    signed[824:1224] = (100_000 * np.exp(-0.5 * ((np.arange(824, 1224) - 1024) / 60.0) ** 2)).astype(np.int64)
+    signed[[0, 2047]] = 1
+    f = _kl_window_fraction(signed, zero_bin=1024.0, levels=255)
+    assert 124 / 1024 <= f < 0.5
+
+
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_quantize_int8_entropy_ranges_respect_sign_and_zeros(activation_type):
+    from passes.quantize import _RangeCollector
+
+    r = rng(12)
+    proto = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                        helper.make_node("Neg", ["x"], ["n"], name="neg")],
+                       [("x", FLOAT, ["B", 256])], [("r", FLOAT, None), ("n", FLOAT, None)])
+    feeds = [{"x": r.standard_normal((16, 256)).astype(np.float32)} for _ in range(4)]
+    ranges = _RangeCollector(proto, ["n", "r", "x"], {}, feeds, lambda it, _: it, "entropy", 99.9,
+                             activation_type).ranges()
+    lo, hi = ranges["r"]
+    positives = np.concatenate([f["x"][f["x"] > 0] for f in feeds])
+    # post-Relu: half the values are exact zeros; they must not pull the threshold to the bulk near 0
+    assert lo == 0.0 and np.quantile(positives, 0.99) <= hi <= positives.max()
+    for name in ("x", "n"):  # signed tensors keep their negative side under both activation types
+        lo, hi = ranges[name]
+        assert lo < -2.0 and hi > 2.0 and 0.5 < -lo / hi < 2.0
+
+
+@pytest.mark.slow
+def test_quantize_int8_entropy_keeps_digits_cnn_accuracy():
+    src = MODELS / "digits_cnn.onnx"
+    data = np.load(MODELS / "digits_cnn.eval.npz")
+    accuracy = {}
+    for method in ("minmax", "entropy"):
+        proto, report = onnxslim_kit.optimize(src, passes=["cleanup", f"quantize-int8:calibration={method}"],
+                                              calibration=MODELS / "digits_cnn.calib.npz")
+        onnx.checker.check_model(proto, full_check=True)
+        assert report.parity.ok and all(o.cosine > 0.9995 for o in report.parity.outputs)  # was 0.61 / 0.30
+        accuracy[method] = float((run_model(proto, {"image": data["image"]})[0].argmax(-1) == data["labels"]).mean())
+    assert accuracy["entropy"] >= accuracy["minmax"] - 0.005
+
+
+def _zero_point_types(proto, tensor_prefix):
+    return {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer
+            if t.name.startswith(tensor_prefix) and t.name.endswith("_zero_point")}
+
+
+def _max_error(reference, candidate):
+    x = rng(13).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    return float(np.abs(run_model(reference, {"x": x})[0] - run_model(candidate, {"x": x})[0]).max())
+
+
+def test_quantize_int8_int16_activations_are_more_accurate_and_run_unfused(tmp_path):
+    src = conv_bn_relu(opset=21)
+    a8, _ = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8"])
+    a16, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:activation_type=int16"])
+    onnx.checker.check_model(a16, full_check=True)
+    assert report.parity.ok and report.passes[1].stats["nodes_quantized"] == 2
+    assert _zero_point_types(a16, "conv_out") == _zero_point_types(a16, "x") == {"INT16"}
+    assert "Relu" in [n.op_type for n in a16.graph.node]  # symmetric int16 does not clamp at zero
+    # int8 weight rounding stays, the activation rounding (2^8 times finer) all but goes
+    assert _max_error(src, a16) < 0.8 * _max_error(src, a8)
+    fused = _fused_ops(a16, tmp_path)
+    # onnxruntime 1.32 (CPU) has no int16 QLinearConv/QGemm: it runs DQ -> float Conv/Gemm -> Q
+    assert "Conv" in fused and "Gemm" in fused and "QLinearConv" not in fused
+
+
+def test_quantize_int8_int16_nodes_widen_only_those_layers(tmp_path):
+    src = conv_bn_relu(opset=21)
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:int16_nodes=conv"])
+    onnx.checker.check_model(out, full_check=True)
+    assert report.parity.ok and report.passes[1].stats["nodes_quantized"] == 2
+    assert _zero_point_types(out, "x") == {"INT16"} and _zero_point_types(out, "conv_out") == {"INT16"}
+    assert _zero_point_types(out, "flat") == {"UINT8"}
+    fused = _fused_ops(out, tmp_path)
+    assert "QGemm" in fused and "Conv" in fused  # the uint8 layer still fuses, the int16 one runs in float
+
+
+@pytest.mark.parametrize("spec", ["quantize-int8:activation_type=int16", "quantize-int8:int16_nodes=conv"])
+def test_quantize_int8_int16_needs_opset_21(spec):
+    with pytest.raises(InputError, match=r"^quantize-int8: .*int16.* needs opset >= 21 .* the model has 17"):
+        onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", spec])
+
+
+def test_quantize_int8_exclude_op_types_and_include_select_nodes(tmp_path):
+    src = conv_bn_relu()
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:exclude_op_types=Gemm"])
+    onnx.checker.check_model(out, full_check=True)
+    assert ("fc", "op type Gemm excluded by option") in report.passes[1].skipped and report.parity.ok
+    fused = _fused_ops(out, tmp_path)
+    assert "QLinearConv" in fused and "Gemm" in fused and "QGemm" not in fused
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:include=fc"])
+    onnx.checker.check_model(out, full_check=True)
+    assert ("conv", "not in include") in report.passes[1].skipped and report.parity.ok
+    fused = _fused_ops(out, tmp_path)
+    assert "QGemm" in fused and "Conv" in fused and "QLinearConv" not in fused
+    with pytest.raises(InputError, match="^quantize-int8: include: no node named 'nope'"):
+        onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:include=nope"])
+    with pytest.raises(InputError, match="exclude_op_types: Relu is not quantized"):
+        build_pass("quantize-int8", {"exclude_op_types": "Relu"})
+
+
+def test_quantize_int8_conv_transpose_stays_float_with_reason():
+    r = rng(14)
+    inits = [init("up.w", (r.standard_normal((8, 4, 2, 2)) * 0.3).astype(np.float32)),  # [C_in, C_out/g, kH, kW]
+             init("conv.w", (r.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32))]
+    nodes = [helper.make_node("ConvTranspose", ["x", "up.w"], ["up"], name="up", strides=[2, 2]),
+             helper.make_node("Conv", ["up", "conv.w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    src = make_model(nodes, [("x", FLOAT, ["N", 8, 4, 4])], [("y", FLOAT, ["N", 6, 8, 8])], inits)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
+    onnx.checker.check_model(out, full_check=True)
+    rec = report.passes[0]
+    assert ("up", "ConvTranspose kept in float: onnxruntime's CPU provider has no fused QDQ ConvTranspose kernel") \
+        in rec.skipped
+    assert rec.stats["nodes_quantized"] == 1 and report.parity.ok
+    weights = {n.input[1] for n in out.graph.node if n.op_type == "ConvTranspose"}
+    assert weights == {"up.w"}  # still the float weight
+
+
+def _correlated_rows(seed, rows, k=64):
+    r = rng(seed)
+    mix = rng(99).standard_normal((8, k))  # the same 8-dimensional subspace for every seed
+    return (r.standard_normal((rows, 8)) @ mix + 0.05 * r.standard_normal((rows, k))).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True), (2, False)])
+def test_quantize_weights_gptq_reduces_layer_output_error(bits, symmetric):
+    from passes.quantize import gptq_blocked
+
+    x = _correlated_rows(20, 2000).astype(np.float64)
+    w = (rng(21).standard_normal((64, 32)) * 0.1).astype(np.float32)
+    q, scale, zero = gptq_blocked(w, x.T @ x, bits=bits, block_size=16, symmetric=symmetric)
+    rq, rscale, rzero = quantize_blocked(w, bits=bits, block_size=16, symmetric=symmetric)
+    assert q.shape == rq.shape and scale.shape == rscale.shape and (zero is None) == (rzero is None)
+    lo, hi = (-(2 ** (bits - 1) - 1) if bits > 2 else -1, 2 ** (bits - 1) - 1 if bits > 2 else 1) if symmetric \
+        else (0, 2 ** bits - 1)
+    assert q.min() >= lo and q.max() <= hi  # same integer grid as round-to-nearest
+
+    def output_error(qq, ss, zz):
+        return np.linalg.norm(x @ (dequantize_blocked(qq, ss, zz, 16) - w))
+
+    assert output_error(q, scale, zero) < 0.5 * output_error(rq, rscale, rzero)
+
+
+def test_quantize_weights_gptq_pass_lowers_output_error_on_held_out_data(tmp_path):
+    r = rng(22)
+    inits = [init("w1", (r.standard_normal((64, 48)) * 0.1).astype(np.float32)),
+             init("w2", (r.standard_normal((48, 64)) * 0.1).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    src = make_model(nodes, [("x", FLOAT, ["B", 64])], [("y", FLOAT, ["B", 64])], inits, opset=21)
+    calib = [{"x": _correlated_rows(30 + i, 64)} for i in range(8)]
+    held_out = _correlated_rows(50, 256)
+    ref = run_model(src, {"x": held_out})[0]
+    errors = {}
+    for gptq in ("false", "true"):
+        out, report = onnxslim_kit.optimize(src, passes=[f"quantize-weights:bits=4,block_size=16,min_elements=16,"
+                                                         f"gptq={gptq}"], calibration=calib)
+        onnx.checker.check_model(out, full_check=True)
+        rec = report.passes[0]
+        assert rec.stats["nodes_quantized"] == 2 and report.parity.ok
+        errors[gptq] = float(np.linalg.norm(run_model(out, {"x": held_out})[0] - ref))
+    assert rec.stats["gptq_layers"] == 2 and rec.stats["gptq_max_error_ratio"] < 0.7
+    assert errors["true"] < 0.7 * errors["false"]
+
+
+def test_quantize_weights_gptq_needs_calibration():
+    with pytest.raises(InputError, match="^quantize-weights: gptq=true needs calibration data"):
+        Pipeline.from_specs(["quantize-weights:gptq=true"]).run(Model.from_proto(_fc(21)), PassContext())
+
+
+@pytest.mark.slow
+def test_quantize_weights_gptq_improves_bert_tiny_int4():
+    cosines = {}
+    for gptq in ("false", "true"):
+        proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx",
+                                              passes=["cleanup", f"quantize-weights:bits=4,gptq={gptq}"],
+                                              calibration=MODELS / "bert_tiny.calib.npz")
+        onnx.checker.check_model(proto, full_check=True)
+        assert report.parity.ok
+        cosines[gptq] = min(o.cosine for o in report.parity.outputs)
+    assert 1 - cosines["true"] < 0.5 * (1 - cosines["false"])  # measured 0.99978 vs 0.99739 (pooled output)
+
+
+def test_quantize_weights_exclude_op_types_and_include_select_nodes():
+    proto = _fc(21)
+    x = rng(4).standard_normal((2, 4, 128)).astype(np.float32)
+    for spec, kept, reason in [("exclude_op_types=Gemm", "gemm", "op type Gemm excluded by option"),
+                               ("include=gemm", "mm", "not in include")]:
+        model, records = Pipeline.from_specs([f"quantize-weights:min_elements=16,{spec}"]).run(
+            Model.from_proto(proto), PassContext())
+        out = model.to_proto()
+        onnx.checker.check_model(out, full_check=True)
+        rec = records[0]
+        assert rec.stats["nodes_quantized"] == 1 and (kept, reason) in rec.skipped
+        ops = [n.op_type for n in out.graph.node]
+        assert ops.count("DequantizeLinear") == 1 and ("Gemm" in ops) == (kept == "gemm")
+        assert _cosine(run_model(proto, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.99
+    with pytest.raises(InputError, match="^quantize-weights: include: no node named 'nope'"):
+        Pipeline.from_specs(["quantize-weights:include=nope"]).run(Model.from_proto(proto), PassContext())
+    with pytest.raises(InputError, match="exclude_op_types: Conv is not quantized"):
+        build_pass("quantize-weights", {"exclude_op_types": "Conv"})

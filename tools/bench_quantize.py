@@ -6,7 +6,9 @@ Variants: fp32; ours `quantize-dynamic` vs onnxruntime `quantize_dynamic(per_cha
 `quantize-weights` (int4, block 32) vs onnxruntime `MatMulNBitsQuantizer` (int4, block 32). For each:
 onnxruntime CPU latency (2 threads, median over interleaved rounds, one session alive at a time), size
 on disk, cosine / max abs error of every output vs fp32 on the shipped calibration samples, and the
-tool's run time; with ratios ours/theirs. (Static int8 QDQ is not compared yet: quantize-int8 does not
+tool's run time; with ratios ours/theirs. `ours int4 gptq` is `quantize-weights:gptq=true`, fitted on
+the first half of the calibration feeds only; an extra line compares it with round-to-nearest on the
+held-out second half. (Static int8 QDQ is not compared yet: quantize-int8 does not
 exist.)
 """
 
@@ -99,12 +101,16 @@ def main(argv=None) -> int:
     src = args.model
     calib = args.calib or str(Path(src).with_suffix("")) + ".calib.npz"
     tmp = tempfile.mkdtemp(prefix="bench-quantize-")
+    all_feeds = list(load_calibration(calib, input_specs(onnx.load(src))))
+    fit_feeds, held_out = all_feeds[:len(all_feeds) // 2], all_feeds[len(all_feeds) // 2:]
     variants = {"fp32": (src, 0.0)}
     jobs = [
         ("ours dynamic int8", lambda o: _ours(src, ["cleanup", "quantize-dynamic"], o, calib)),
         ("ORT quantize_dynamic per-channel", lambda o: _ort_dynamic(src, o)),
         ("ours int4 weights", lambda o: _ours(src, ["cleanup", "quantize-weights:bits=4,block_size=32"], o, calib)),
         ("ORT MatMulNBits int4", lambda o: _ort_nbits(src, o)),
+        ("ours int4 gptq", lambda o: _ours(src, ["cleanup", "quantize-weights:bits=4,block_size=32,gptq=true"], o,
+                                           fit_feeds)),
     ]
     for i, (name, job) in enumerate(jobs):
         out = os.path.join(tmp, f"v{i}.onnx")
@@ -133,6 +139,14 @@ def main(argv=None) -> int:
             print(f"ratio {ours} / {theirs}: latency {lat:.3f}, size {size(variants[ours][0]) / size(variants[theirs][0]):.3f}, "
                   f"tool time {variants[ours][1] / max(variants[theirs][1], 1e-9):.2f}, "
                   f"cosine {' '.join(f'{a:.5f}/{b:.5f}' for a, b in zip(accuracy[ours], accuracy[theirs]))}")
+    if "ours int4 gptq" in variants and "ours int4 weights" in variants and held_out:
+        split = cosines(src, {k: variants[k][0] for k in ("ours int4 weights", "ours int4 gptq")}, held_out,
+                        args.threads)
+        gap = " ".join(f"{1 - g:.6f}/{1 - r:.6f}={(1 - g) / max(1 - r, 1e-12):.3f}"
+                       for g, r in zip(split["ours int4 gptq"], split["ours int4 weights"]))
+        print(f"held-out ({len(held_out)} feeds not used by gptq): cosine rtn "
+              f"{' '.join(f'{c:.5f}' for c in split['ours int4 weights'])}, gptq "
+              f"{' '.join(f'{c:.5f}' for c in split['ours int4 gptq'])}; 1-cos gptq/rtn {gap}")
     return 0
 
 
