@@ -252,6 +252,8 @@ class PruneChannels(Pass):
             original model's outputs (auto: when real calibration data is given)
         multiple: round every kept channel count up to a multiple of this (SIMD-friendly)
         protect: names of layers whose output channels are never pruned, '+'-separated
+        layer_ratios: per-layer ratios NAME=RATIO, '+'-separated (scope=local; a joined group takes the
+            smallest ratio of its layers); other layers use ``ratio``
         damping: relative ridge damping of the reconstruction (default: chosen per layer by 2-fold
             cross-validation over the calibration batches; a layer whose refit does not generalise is kept)
         min_cosine: parity bound this pass promises on the final outputs
@@ -266,7 +268,8 @@ class PruneChannels(Pass):
                  criterion: Literal["l1", "l2", "bn", "random", "activation", "stability", "reconstruction"] = "l1",
                  scope: Literal["local", "global"] = "local",
                  reconstruct: Literal["auto", "true", "false"] = "auto", multiple: int = 8,
-                 protect: list[str] | None = None, damping: float | None = None, min_cosine: float = 0.9):
+                 protect: list[str] | None = None, layer_ratios: list[str] | None = None,
+                 damping: float | None = None, min_cosine: float = 0.9):
         if not 0.0 <= ratio < 1.0:
             raise ValueError("ratio must be in [0, 1)")
         if target_macs is not None and not 0.0 < target_macs <= 1.0:
@@ -282,6 +285,17 @@ class PruneChannels(Pass):
         self.ratio, self.target_macs, self.criterion, self.scope = ratio, target_macs, criterion, scope
         self.reconstruct, self.multiple = reconstruct, multiple
         self.protect = list(protect) if protect else []
+        self.layer_ratios = list(layer_ratios) if layer_ratios else []
+        self._per_layer: dict[str, float] = {}
+        for item in self.layer_ratios:
+            name, sep, value = item.rpartition("=")
+            try:
+                r = float(value)
+            except ValueError:
+                r = -1.0
+            if not sep or not name or not 0.0 <= r < 1.0:
+                raise ValueError(f"layer_ratios: expected NAME=RATIO with 0 <= RATIO < 1, got {item!r}")
+            self._per_layer[name] = r
         self.damping, self.min_cosine = damping, min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
@@ -312,7 +326,8 @@ class PruneChannels(Pass):
         counts: dict[int, int] = {}
         if self.scope == "local":
             for g in groups:
-                counts[g.gid] = self._keep_count(g.channels, g.channels * ratio)
+                own = [self._per_layer[p.name] for p in g.producers if p.name in self._per_layer]
+                counts[g.gid] = self._keep_count(g.channels, g.channels * (min(own) if own else ratio))
         else:
             pool = []
             for g in groups:

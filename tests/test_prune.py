@@ -529,3 +529,31 @@ def test_prune_weights_global_scope_and_skip_reasons():
     w = _weights(out2)
     # one threshold over both: the 100x smaller weights go first
     assert (w["small_weights"] == 0).mean() > 0.9 and (w["big_weights"] == 0).mean() < 0.1
+
+
+@pytest.mark.slow
+def test_prune_channels_then_quantize_int8_runs_integer_kernels(tmp_path):
+    import onnxruntime as ort
+
+    from onnxslim_kit.metrics import model_stats
+
+    src = MODELS / "mobilenetv2_tiny.onnx"
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "prune-channels:ratio=0.3", "quantize-int8"],
+                                        calibration=MODELS / "mobilenetv2_tiny.calib.npz")
+    assert report.parity.ok and [p.name for p in report.passes] == ["cleanup", "prune-channels", "quantize-int8"]
+    assert report.passes[1].stats["channels_removed"] > 0 and report.passes[2].stats["nodes_quantized"] > 10
+    onnx.checker.check_model(out, full_check=True)
+    assert model_stats(out).macs < 0.8 * model_stats(onnx.load(str(src))).macs
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(out.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert "Conv" not in fused and fused.count("QLinearConv") == sum(n.op_type == "Conv" for n in out.graph.node)
+
+
+def test_prune_channels_layer_ratios_override_the_global_ratio():
+    out, _ = _prune(_wide_chain(), ratio=0.25, multiple=1, layer_ratios="conv1=0.5", tolerance={"cosine": -1.0})
+    w = _weights(out)
+    assert (w["conv0"].shape[0], w["conv1"].shape[0], w["conv2"].shape[0]) == (24, 16, 24)
+    with pytest.raises((InputError, ValueError)):
+        _prune(_wide_chain(), layer_ratios="conv1")
