@@ -203,8 +203,8 @@ def compare(a: str | os.PathLike | onnx.ModelProto, b: str | os.PathLike | onnx.
             tolerance: Tolerance | dict[str, float] | None = None, seed: int = 0, num_samples: int = 8,
             batch_size: int | None = None, progress: Progress | None = None) -> ParityReport:
     """Parity of model ``b`` against reference ``a`` on the same inputs (exact tolerance by default)."""
-    label_a, ref, _ = _load(a)
-    label_b, cand, _ = _load(b)
+    label_a, ref, _ = _load(a, weights=False)
+    label_b, cand, _ = _load(b, weights=False)
     ref_inputs = _real_inputs(ref)
     missing = [n for n in _real_inputs(cand) if n not in ref_inputs]
     if missing:
@@ -214,4 +214,7 @@ def compare(a: str | os.PathLike | onnx.ModelProto, b: str | os.PathLike | onnx.
     data = _data(ref, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
     from .pass_base import EXACT
 
-    return ParityChecker(ref, data, progress=progress).check(cand, _tolerance(EXACT, tolerance))
+    # Sessions are built from the files (onnxruntime reads external data itself), one at a time.
+    checker = ParityChecker(label_a if label_a != "<memory>" else ref, data, progress=progress)
+    checker.reference_outputs  # noqa: B018 - computed, and the reference session released, first
+    return checker.check(label_b if label_b != "<memory>" else cand, _tolerance(EXACT, tolerance))
