@@ -17,7 +17,7 @@ import onnx
 
 from .calibration import CalibrationData, input_specs, load_calibration
 from .errors import InputError, ParityError
-from .ir import Model, load_proto, save_proto
+from .ir import Model, has_external_data, load_proto, save_proto
 from .metrics import ModelStats, disk_bytes, model_stats
 from .parity import ParityChecker, ParityReport
 from .pass_base import PassContext, Tolerance
@@ -31,13 +31,20 @@ CHECK_MODES = ("end", "per-pass", "off")
 Progress = Callable[[Iterable, str], Iterable]
 
 
-def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[str, onnx.ModelProto, int | None]:
+def _load(model: str | os.PathLike | onnx.ModelProto, *, weights: bool = True
+          ) -> tuple[str, onnx.ModelProto, int | None]:
+    """(label, proto, bytes on disk). ``weights=False``: external data is left in its file (the
+    proto holds references only)."""
     if isinstance(model, onnx.ModelProto):
         return "<memory>", model, None
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
-        return path, load_proto(path), disk_bytes(path)
+        return path, load_proto(path, load_external_data=weights), disk_bytes(path)
     raise InputError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+class _ParityFailed(Exception):
+    """Raised inside an atomic save to abandon it (the parity gate failed)."""
 
 
 def _shapes(input_shapes) -> dict[str, list[int]]:
@@ -85,14 +92,23 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     its own (dynamic) input declarations. ``tolerance`` overrides the pipeline's bound (keys atol, rtol,
     cosine, snr, top1). ``check``: 'end' (default), 'per-pass' (a pass that breaks its own tolerance is
     rolled back) or 'off'. Raises :class:`ParityError` (nothing written) when the final check fails.
+
+    A model file with external data (any size; the only way to store one above 2 GB) is processed
+    without ever holding all its weights in memory: weights are memory maps of its file, the output is
+    written with external data next to ``output`` and checked from there, and the returned proto
+    references that written data instead of holding it (with ``output=None`` it holds the weights).
     """
     start = time.perf_counter()
     if check not in CHECK_MODES:
         raise InputError(f"--check {check!r}: expected one of {', '.join(CHECK_MODES)}")
     if passes is not None and recipe is not None:
         raise InputError("give passes or a recipe, not both")
-    pipeline = Pipeline.from_recipe(recipe) if recipe is not None else Pipeline.coerce(passes)
-    label, proto, source_bytes = _load(model)
+    pipeline = Pipeline.coerce(passes) if recipe is None else Pipeline.from_recipe(recipe)
+    label, proto, source_bytes = _load(model, weights=False)
+    # A model file with external data is never held as one in-memory protobuf: its weights are memory
+    # maps of the file, the reference session is built from the file, and the candidate is saved once
+    # (to the atomic-save folder of the output) and checked from there.
+    streamed = label != "<memory>" and has_external_data(proto)
     if output is not None:
         out_path = Path(output).resolve()
         if label != "<memory>" and out_path == Path(label).resolve() and not overwrite:
@@ -104,23 +120,53 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     ctx = PassContext(calibration=data, calibration_is_random=data.is_random, input_shapes=shapes, seed=seed,
                       reference=proto, progress=progress)
     before = model_stats(proto, shapes, file_bytes=source_bytes)
-    checker = ParityChecker(proto, data, progress=progress) if check != "off" else None
+    checker = None
+    if check != "off":
+        checker = ParityChecker(label if streamed else proto, data, progress=progress)
+        if streamed:
+            checker.reference_outputs  # noqa: B018 - computed now, and the reference session released
     overrides = None
     if isinstance(tolerance, dict):
         overrides = dict(tolerance)
         _tolerance(Tolerance(), overrides)  # validate keys before running anything
-    working = Model.from_proto(proto, source=label)
+    if streamed:
+        working = Model.load(label)
+    else:
+        working = Model.from_proto(proto, source=label)
     per_pass = check == "per-pass"
     result, records = pipeline.run(
         working, ctx, per_pass=per_pass, tolerance_override=overrides,
-        checker=(lambda m, tol: checker.check(m.to_proto(), tol)) if per_pass else None)
-    out_proto = result.to_proto()
+        checker=(lambda m, tol: checker.check(m if streamed else m.to_proto(), tol)) if per_pass else None)
     final_tol = _tolerance(pipeline.tolerance, tolerance)
-    parity = checker.check(out_proto, final_tol) if checker is not None else None
+    written = False
+    if streamed:
+        result.release_pages()
+        parity, out_proto = None, None
+        if output is not None:
+            def verify(tmp_model: str) -> None:
+                nonlocal parity, out_proto
+                if checker is not None:
+                    parity = checker.check(tmp_model, final_tol)
+                    if not parity.ok:
+                        raise _ParityFailed
+                out_proto = load_proto(tmp_model, load_external_data=False)
+
+            try:
+                result.save(output, external_data=True, verify=verify)
+                written = True
+            except _ParityFailed:
+                pass
+        elif checker is not None:
+            parity = checker.check(result, final_tol)
+        if out_proto is None:
+            out_proto = result.to_proto()
+    else:
+        out_proto = result.to_proto()
+        parity = checker.check(out_proto, final_tol) if checker is not None else None
     found = None
     if parity is not None and not parity.ok and locate:
         found = checker.locate(out_proto, final_tol)
-    after = model_stats(out_proto, shapes)
+    after = model_stats(out_proto, shapes, file_bytes=disk_bytes(output) if written else None)
     warnings = list(ctx.warnings)
     for rec in records:
         warnings.extend(rec.warnings)
@@ -133,10 +179,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
         report.seconds = time.perf_counter() - start
         failing = "; ".join(parity.failures()) or (parity.error or "unknown")
         raise ParityError(f"{label}: parity check failed ({failing}); nothing written", report=report)
-    if output is not None:
+    if output is not None and not written:
         save_proto(out_proto, output)
-        report.written = True
+        written = True
         report.after.bytes = disk_bytes(output)
+    report.written = written
     report.seconds = time.perf_counter() - start
     return out_proto, report
 
@@ -156,8 +203,8 @@ def compare(a: str | os.PathLike | onnx.ModelProto, b: str | os.PathLike | onnx.
             tolerance: Tolerance | dict[str, float] | None = None, seed: int = 0, num_samples: int = 8,
             batch_size: int | None = None, progress: Progress | None = None) -> ParityReport:
     """Parity of model ``b`` against reference ``a`` on the same inputs (exact tolerance by default)."""
-    label_a, ref, _ = _load(a)
-    label_b, cand, _ = _load(b)
+    label_a, ref, _ = _load(a, weights=False)
+    label_b, cand, _ = _load(b, weights=False)
     ref_inputs = _real_inputs(ref)
     missing = [n for n in _real_inputs(cand) if n not in ref_inputs]
     if missing:
@@ -167,4 +214,7 @@ def compare(a: str | os.PathLike | onnx.ModelProto, b: str | os.PathLike | onnx.
     data = _data(ref, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
     from .pass_base import EXACT
 
-    return ParityChecker(ref, data, progress=progress).check(cand, _tolerance(EXACT, tolerance))
+    # Sessions are built from the files (onnxruntime reads external data itself), one at a time.
+    checker = ParityChecker(label_a if label_a != "<memory>" else ref, data, progress=progress)
+    checker.reference_outputs  # noqa: B018 - computed, and the reference session released, first
+    return checker.check(label_b if label_b != "<memory>" else cand, _tolerance(EXACT, tolerance))

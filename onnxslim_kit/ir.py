@@ -16,12 +16,13 @@ import copy as _copy
 import hashlib
 import heapq
 import logging
+import mmap
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -168,6 +169,99 @@ def load_proto(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     return proto
 
 
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` still points at an external-data file (not loaded)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_model_tensors(model))
+
+
+def _plain_dtype(data_type: int) -> np.dtype | None:
+    """The numpy dtype whose bytes are the tensor's raw little-endian layout, or None for types that
+    need unpacking (sub-byte, ml_dtypes floats, strings)."""
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if dtype.kind not in "biufc" or dtype.type.__module__ != "numpy":
+        return None
+    return dtype.newbyteorder("<")
+
+
+def _external_info(tensor: onnx.TensorProto, base_dir: str) -> tuple[str, int, int | None]:
+    info = {e.key: e.value for e in tensor.external_data}
+    length = info.get("length")
+    return (os.path.join(base_dir, info.get("location", "")), int(info.get("offset", 0) or 0),
+            int(length) if length else None)
+
+
+def map_external_tensor(tensor: onnx.TensorProto, base_dir: str, label: str) -> np.ndarray | None:
+    """A read-only array over ``tensor``'s bytes in its external-data file (memory-mapped: nothing is
+    read until used, and pages can be dropped again, see :func:`release_pages`); None when the type
+    has no plain numpy layout. The location was checked by :func:`check_external_data`."""
+    dtype = _plain_dtype(tensor.data_type)
+    if dtype is None:
+        return None
+    path, offset, length = _external_info(tensor, base_dir)
+    dims = [int(d) for d in tensor.dims]
+    count = int(np.prod(dims)) if dims else 1
+    nbytes = count * dtype.itemsize
+    if length is not None and length != nbytes:
+        raise InputError(f"{label}: external data of tensor '{tensor.name}' has {length} bytes, its type and "
+                         f"shape need {nbytes}")
+    if count == 0:
+        return np.zeros(dims, dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{label}: cannot map external data of tensor '{tensor.name}' ({exc})") from None
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start).reshape(dims)
+
+
+def _mapping(array) -> "mmap.mmap | None":
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
+    return base
+
+
+def release_pages(arrays: Iterable) -> None:
+    """Drop the resident pages of memory-mapped weights (they are re-read from the file if used
+    again): weights read by a pass or a save do not stay in the process's memory."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    seen = set()
+    for array in arrays:
+        mapped = _mapping(array) if isinstance(array, np.ndarray) else None
+        if mapped is not None and id(mapped) not in seen:
+            seen.add(id(mapped))
+            try:
+                mapped.madvise(advice)
+            except (OSError, ValueError):
+                pass
+
+
+def _load_small_external(proto: onnx.ModelProto, base_dir: str, label: str) -> None:
+    """Load in place the external tensors that are not mapped (small ones, types without a plain
+    layout): they become ordinary in-memory tensors, exactly as a full load makes them."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor in iter_model_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        dtype = _plain_dtype(tensor.data_type)
+        nbytes = int(np.prod(tensor.dims)) * dtype.itemsize if dtype is not None else 0
+        if dtype is not None and nbytes > STUB_BYTES:
+            continue
+        try:
+            load_external_data_for_tensor(tensor, base_dir)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{label}: cannot read external data ({exc})") from exc
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +290,9 @@ class ModelMeta:
     input_order: list[str] = field(default_factory=list)
     initializer_inputs: list[str] = field(default_factory=list)
     source: str = "<memory>"
+    # Loaded from a file with external data: big weights are read-only memory maps of that file, and
+    # the model is saved with external data again (never as one in-memory protobuf).
+    external_data: bool = False
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: str) -> "ModelMeta":
@@ -233,11 +330,20 @@ class Model:
             return source.copy()
         if isinstance(source, onnx.ModelProto):
             return cls.from_proto(source)
-        proto = load_proto(source)
-        return cls.from_proto(proto, source=os.fspath(source))
+        label = os.fspath(source)
+        proto = load_proto(source, load_external_data=False)
+        return cls.from_proto(proto, source=label, base_dir=str(Path(label).resolve().parent))
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>") -> "Model":
+    def from_proto(cls, proto: onnx.ModelProto, source: str = "<memory>", *,
+                   base_dir: str | None = None) -> "Model":
+        """Import ``proto``. When it still references external data (loaded with
+        ``load_external_data=False``), ``base_dir`` is the model's folder: tensors above STUB_BYTES
+        become read-only memory maps of their file (the weights are never copied into memory), the
+        small ones are read. ``proto`` is modified in place in that case (the small tensors)."""
+        external = base_dir is not None and has_external_data(proto)
+        if external:
+            _load_small_external(proto, base_dir, source)
         proto = _densify_sparse_initializers(proto)
         type_attrs = _collect_type_attrs(proto)
         if type_attrs:
@@ -248,7 +354,35 @@ class Model:
             raise InputError(f"{source}: cannot import graph ({type(exc).__name__}: {exc})") from exc
         meta = ModelMeta.from_proto(proto, source)
         meta.type_attrs = type_attrs or {}
+        meta.external_data = external
+        if external:
+            _map_constants(graph, base_dir, source)
         return cls(graph, meta)
+
+    def constants(self) -> list[gs.Constant]:
+        """Every constant of the graph and its subgraphs (initializers and Constant-node values)."""
+        out: dict[int, gs.Constant] = {}
+        for g in _all_graphs(self.graph):
+            for t in g.tensors(check_duplicates=False).values():
+                if isinstance(t, gs.Constant):
+                    out[id(t)] = t
+            for node in g.nodes:
+                for value in node.attrs.values():
+                    if isinstance(value, gs.Constant):
+                        out[id(value)] = value
+        return list(out.values())
+
+    def weight_bytes(self) -> int:
+        """Bytes of all constant payloads (without loading lazily held ones)."""
+        total = 0
+        for c in self.constants():
+            values = c._values
+            total += int(getattr(values, "nbytes", 0) or 0)
+        return total
+
+    def release_pages(self) -> None:
+        """Drop the resident pages of memory-mapped weights (see :func:`release_pages`)."""
+        release_pages(c._values for c in self.constants())
 
     def copy(self) -> "Model":
         """Structural copy. Numpy buffers are shared: passes must never modify weights in place."""
@@ -426,13 +560,15 @@ class Model:
 
         return value_infos(self.to_proto(value_info="drop", weights=False))
 
-    def to_proto(self, *, value_info: str = "infer", weights: bool = True) -> onnx.ModelProto:
+    def to_proto(self, *, value_info: str = "infer", weights: bool = True,
+                 pending: list | None = None) -> onnx.ModelProto:
         """Export. ``value_info``: 'keep' graphsurgeon's shapes, 'drop' intermediate annotations, or
         'infer' (drop, then recompute with onnx shape inference; stale annotations break tools).
         ``weights=False``: large initializers are written as external-data stubs without payload (for
-        shape inference only; the result cannot run)."""
+        shape inference only; the result cannot run). With a ``pending`` list, the stubs are
+        numbered and their payloads (arrays or bytes) appended to it, for :func:`write_external_data`."""
         patched = []
-        stubbed = [] if weights else _stub_large_constants(self.graph)
+        stubbed = [] if weights and pending is None else _stub_large_constants(self.graph, pending)
         for graph in _all_graphs(self.graph):
             _pack_string_constants(graph)
             if not self.meta.special_types:
@@ -512,8 +648,23 @@ class Model:
         digest.update(proto.SerializeToString(deterministic=True))
         return digest.hexdigest()
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-        save_proto(self.to_proto(), path, external_data=external_data)
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
+             verify: Callable[[str], None] | None = None) -> None:
+        """Write atomically (see :func:`save_proto`). ``external_data=None``: with external data when
+        the model was loaded with external data or its weights reach 2 GB. Then the weights go to
+        ``<name>.data`` tensor by tensor, straight from their arrays (memory maps of the source file
+        included): the model is never one in-memory protobuf with all weights."""
+        if external_data is None:
+            external_data = self.meta.external_data or self.weight_bytes() >= runtime.PROTO_LIMIT
+        if not external_data:
+            save_proto(self.to_proto(), path, external_data=False, verify=verify)
+            return
+        pending: list = []
+        proto = self.to_proto(pending=pending)
+        try:
+            save_proto(proto, path, external_data=True, verify=verify, pending=pending)
+        finally:
+            self.release_pages()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,33 +690,78 @@ all_graphs = _all_graphs
 STUB_BYTES = 1024
 
 
-def _stub_large_constants(graph: gs.Graph) -> list:
-    """Swap the values of constants above STUB_BYTES for payload-free TensorProtos (dims and type,
-    external location) so an export does not copy the weights; returns what to restore."""
+PENDING = "<pending:"
+
+
+def _stub_large_constants(graph: gs.Graph, pending: list | None = None) -> list:
+    """Swap the values of initializers above STUB_BYTES for payload-free TensorProtos (dims and type,
+    external location) so an export does not copy the weights; returns what to restore.
+
+    Only payloads whose raw bytes are known without converting are stubbed (plain numpy arrays, and
+    TensorProtos holding ``raw_data``); everything else is exported as usual. With ``pending``, each
+    stub's location is ``<pending:i>`` and its payload is ``pending[i]``."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     swapped = []
     for g in _all_graphs(graph):
         for t in g.tensors(check_duplicates=False).values():
-            if not isinstance(t, gs.Constant) or t.dtype is None:
+            if not isinstance(t, gs.Constant):
                 continue
             values = t._values
-            try:
-                itemsize = np.dtype(t.dtype).itemsize
-            except TypeError:
-                continue
-            if int(np.prod(t.shape)) * itemsize <= STUB_BYTES:
+            if isinstance(values, LazyValues):
+                source = values.tensor
+                if not isinstance(source, onnx.TensorProto) or not source.HasField("raw_data") or \
+                        source.data_location == onnx.TensorProto.EXTERNAL or len(source.raw_data) <= STUB_BYTES:
+                    continue
+                payload, data_type, dims = source.raw_data, source.data_type, list(source.dims)
+            elif isinstance(values, np.ndarray):
+                if t._export_dtype is not None and np.dtype(t._export_dtype) != values.dtype:
+                    continue
+                if values.dtype.kind not in "biufc" or values.dtype.type.__module__ != "numpy" or \
+                        values.nbytes <= STUB_BYTES:
+                    continue
+                payload, data_type, dims = values, onnx.helper.np_dtype_to_tensor_dtype(values.dtype), \
+                    list(values.shape)
+            else:
                 continue
             stub = onnx.TensorProto()
             stub.name = t.name
-            stub.data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
-            stub.dims.extend(int(d) for d in t.shape)
+            stub.data_type = data_type
+            stub.dims.extend(int(d) for d in dims)
             stub.data_location = onnx.TensorProto.EXTERNAL
             entry = stub.external_data.add()
-            entry.key, entry.value = "location", "<not written>"
+            entry.key = "location"
+            if pending is None:
+                entry.value = "<not written>"
+            else:
+                entry.value = f"{PENDING}{len(pending)}>"
+                pending.append(payload)
             t._values = LazyValues(stub)
             swapped.append((t, values))
     return swapped
+
+
+def _map_constants(graph: gs.Graph, base_dir: str, label: str) -> None:
+    """Replace the lazily held external tensors of an imported graph by memory maps of their file."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    seen = set()
+    for g in _all_graphs(graph):
+        consts = [t for t in g.tensors(check_duplicates=False).values() if isinstance(t, gs.Constant)]
+        for node in g.nodes:
+            consts.extend(v for v in node.attrs.values() if isinstance(v, gs.Constant))
+        for c in consts:
+            if id(c) in seen or not isinstance(c._values, LazyValues):
+                continue
+            seen.add(id(c))
+            tensor = c._values.tensor
+            if not isinstance(tensor, onnx.TensorProto) or tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            array = map_external_tensor(tensor, base_dir, label)
+            if array is None:  # cannot happen: _load_small_external read those
+                raise InputError(f"{label}: tensor '{tensor.name}' of type {tensor.data_type} cannot be mapped")
+            c._values = array
+            c.data_location = onnx.TensorProto.DEFAULT
 
 
 def _pack_string_constants(graph: gs.Graph) -> None:
@@ -745,10 +941,15 @@ def _kahn(nodes: list[gs.Node]) -> list[gs.Node]:
     return order
 
 
-def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               verify: Callable[[str], None] | None = None, pending: list | None = None) -> None:
     """Write atomically: into a temporary folder beside the destination, then rename into place.
 
     ``external_data=None`` stores weights in ``<name>.data`` only when the model is above 2 GB.
+    ``verify(tmp_model_path)`` runs on the complete written model before the rename (the parity gate
+    builds its session from it); if it raises, nothing is written. ``pending``: payloads of the
+    ``<pending:i>`` stubs of :meth:`Model.to_proto` (then ``proto`` is consumed: its stubs are
+    rewritten in place).
     An interrupted or failed write never leaves a half-written file or replaces an existing one.
     """
     dest = Path(path).resolve()
@@ -763,21 +964,73 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
         tmp_model = os.path.join(tmp, dest.name)
         data_name = dest.name + ".data"
         if external_data:
-            out = onnx.ModelProto()
-            out.CopyFrom(proto)
-            onnx.save_model(out, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            with open(tmp_model, "wb") as fh:
-                fh.write(proto.SerializeToString(deterministic=True))
-                fh.flush()
-                os.fsync(fh.fileno())
+            if pending is None:
+                out = onnx.ModelProto()
+                out.CopyFrom(proto)  # the payloads move to the file: do not strip the caller's proto
+                proto = out
+            write_external_data(proto, os.path.join(tmp, data_name), data_name, pending or [])
+        with open(tmp_model, "wb") as fh:
+            fh.write(proto.SerializeToString(deterministic=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if verify is not None:
+            verify(tmp_model)
         tmp_data = os.path.join(tmp, data_name)
         if os.path.exists(tmp_data):
             os.replace(tmp_data, dest.parent / data_name)
         os.replace(tmp_model, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+WRITE_CHUNK = 64 * 2**20
+
+
+def write_external_data(proto: onnx.ModelProto, data_path: str, location: str, pending: list) -> None:
+    """Move initializer payloads above STUB_BYTES (``raw_data``, or ``pending`` stubs) into one file,
+    in graph order, rewriting each tensor as an external reference to ``location``. Arrays are written
+    from their buffers in chunks (no full copy; pages of memory-mapped weights are dropped after each
+    tensor); the file is fsynced. Nothing is written (not even an
+    empty file) when no tensor qualifies."""
+    fh = None
+    offset = 0
+    try:
+        for g in _graph_protos(proto.graph):
+            for tensor in g.initializer:
+                payload = None
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                    if loc.startswith(PENDING):
+                        payload = pending[int(loc[len(PENDING):-1])]
+                elif tensor.HasField("raw_data") and len(tensor.raw_data) > STUB_BYTES:
+                    payload = tensor.raw_data
+                if payload is None:
+                    continue
+                if fh is None:
+                    fh = open(data_path, "wb")
+                if isinstance(payload, np.ndarray):
+                    flat = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+                    for start in range(0, flat.size, WRITE_CHUNK):
+                        fh.write(flat[start:start + WRITE_CHUNK].data)
+                    length = int(flat.size)
+                    del flat
+                    release_pages([payload])
+                else:
+                    fh.write(payload)
+                    length = len(payload)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += length
+        if fh is not None:
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        if fh is not None:
+            fh.close()
 
 
 def tensor_from_array(name: str, value: np.ndarray) -> gs.Constant:

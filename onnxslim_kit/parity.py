@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -316,9 +318,28 @@ def metrics_for(name: str, ref: Iterable[np.ndarray], cand: Iterable[np.ndarray]
 def _as_proto(model: Any) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
+    if isinstance(model, (str, os.PathLike)):
+        from .ir import load_proto
+
+        return load_proto(model)
     if hasattr(model, "to_proto"):
         return model.to_proto()
     raise TypeError(f"expected an onnx.ModelProto or onnxslim_kit.ir.Model, got {type(model).__name__}")
+
+
+def _session(model: Any, *, optimize: bool, threads: int | None):
+    """A session for a proto, a saved model's path (onnxruntime reads its external data itself), or an
+    ``ir.Model``: one loaded with external data is saved once to a temporary folder and the session is
+    built from that path (its weights are never serialized into one in-memory protobuf)."""
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        return make_session(model, optimize=optimize, threads=threads)
+    meta = getattr(model, "meta", None)
+    if meta is not None and getattr(meta, "external_data", False):
+        with tempfile.TemporaryDirectory(prefix="onnxslim-session-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            model.save(path, external_data=True)
+            return make_session(path, optimize=optimize, threads=threads)
+    return make_session(_as_proto(model), optimize=optimize, threads=threads)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -328,20 +349,33 @@ def _one_line(exc: BaseException) -> str:
 
 class ParityChecker:
     """Compares candidates against one reference on fixed calibration data; reference outputs are
-    computed once (on first use) and reused for every check."""
+    computed once (on first use) and reused for every check.
 
-    def __init__(self, reference: onnx.ModelProto, data: CalibrationData, *, progress: Progress | None = None,
-                 threads: int | None = None):
-        self.reference = _as_proto(reference)
+    ``reference``: a proto, or the path of a saved model (its session is built from the file, so the
+    weights of a model with external data are read by onnxruntime only). The reference session is
+    released once its outputs are computed: one session is alive at a time."""
+
+    def __init__(self, reference: onnx.ModelProto | str | os.PathLike, data: CalibrationData, *,
+                 progress: Progress | None = None, threads: int | None = None):
+        self._reference_path = os.fspath(reference) if isinstance(reference, (str, os.PathLike)) else None
+        self._reference = None if self._reference_path else _as_proto(reference)
         self.data = data
         self.progress = progress
         self.threads = threads
         try:
-            self._ref_session = make_session(self.reference, optimize=False, threads=threads)
+            self._ref_session = make_session(self._reference_path or self._reference, optimize=False,
+                                             threads=threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InputError(f"reference model does not load in onnxruntime ({_one_line(exc)})") from None
         self.output_names = [o.name for o in self._ref_session.get_outputs()]
         self._ref_outputs: list[dict[str, np.ndarray]] | None = None
+
+    @property
+    def reference(self) -> onnx.ModelProto:
+        """The reference as a proto (loaded from its path, weights included, on first use)."""
+        if self._reference is None:
+            self._reference = _as_proto(self._reference_path)
+        return self._reference
 
     def _track(self, iterable: Iterable, label: str) -> Iterable:
         return self.progress(iterable, label) if self.progress else iterable
@@ -360,6 +394,7 @@ class ParityChecker:
                                      f"({_one_line(exc)}){hint}") from None
                 outs.append(dict(zip(self.output_names, values)))
             self._ref_outputs = outs
+            self._ref_session = None  # before any candidate session exists
         return self._ref_outputs
 
     def _failed(self, tolerance: Tolerance, error: str, batches: int) -> ParityReport:
@@ -368,11 +403,12 @@ class ParityChecker:
                    for n in self.output_names]
         return ParityReport(outputs, tolerance, batches, self.data.source, error=error)
 
-    def check(self, candidate: onnx.ModelProto, tolerance: Tolerance) -> ParityReport:
-        """Run ``candidate`` (default onnxruntime optimizations) on every batch and compare outputs."""
+    def check(self, candidate: Any, tolerance: Tolerance) -> ParityReport:
+        """Run ``candidate`` (a proto, a saved model's path or an ``ir.Model``; default onnxruntime
+        optimizations) on every batch and compare outputs."""
         refs = self.reference_outputs
         try:
-            session = make_session(_as_proto(candidate), optimize=True, threads=self.threads)
+            session = _session(candidate, optimize=True, threads=self.threads)
         except Exception as exc:  # noqa: BLE001
             return self._failed(tolerance, f"candidate does not load in onnxruntime ({_one_line(exc)})", 0)
         cand_names = [o.name for o in session.get_outputs()]

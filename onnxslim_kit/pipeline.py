@@ -192,6 +192,7 @@ class Pipeline:
             start = time.perf_counter()
             result = p(model, ctx)
             swept = result.model.cleanup()
+            result.model.release_pages()  # weights the pass read from memory maps leave memory again
             record.seconds = time.perf_counter() - start
             model = result.model
             record.modified = result.modified or any(swept.values())

@@ -109,3 +109,34 @@ def assert_parity(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: 
     for a, b in zip(ref, got):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(b, a, atol=atol, rtol=rtol)
+
+
+def mlp_blocks(*, layers: int = 4, hidden: int = 128, seed: int = 0, opset: int = 21) -> onnx.ModelProto:
+    """Transformer-shaped blocks (LayerNorm -> MatMul(h, 4h) -> Relu -> MatMul(4h, h) -> residual Add),
+    as tools/make_big_model.py builds them, plus a dead Identity chain for cleanup. Input x [B, S, h]."""
+    g = rng(seed)
+    h = hidden
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        inits += [init(f"l{i}.up", (g.standard_normal((h, 4 * h)) * 0.02).astype(np.float32)),
+                  init(f"l{i}.down", (g.standard_normal((4 * h, h)) * 0.02).astype(np.float32)),
+                  init(f"l{i}.g", np.ones(h, np.float32)), init(f"l{i}.b", np.zeros(h, np.float32))]
+        nodes += [helper.make_node("LayerNormalization", [prev, f"l{i}.g", f"l{i}.b"], [f"ln{i}"], axis=-1,
+                                   name=f"ln{i}"),
+                  helper.make_node("Identity", [f"ln{i}"], [f"ln{i}_id"], name=f"id{i}"),
+                  helper.make_node("MatMul", [f"ln{i}_id", f"l{i}.up"], [f"up{i}"], name=f"up{i}"),
+                  helper.make_node("Relu", [f"up{i}"], [f"act{i}"], name=f"act{i}"),
+                  helper.make_node("MatMul", [f"act{i}", f"l{i}.down"], [f"down{i}"], name=f"down{i}"),
+                  helper.make_node("Add", [prev, f"down{i}"], [f"res{i}"], name=f"res{i}")]
+        prev = f"res{i}"
+    return make_model(nodes, [("x", TensorProto.FLOAT, ["B", "S", h])], [(prev, TensorProto.FLOAT, ["B", "S", h])],
+                      inits, opset=opset)
+
+
+def save_external(proto: onnx.ModelProto, path, *, location: str | None = None) -> None:
+    """Save ``proto`` (left unchanged) with every tensor above 1 kB in one external-data file."""
+    import os
+
+    copy = onnx.ModelProto.FromString(proto.SerializeToString())
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location or os.path.basename(str(path)) + ".data", size_threshold=1024)
