@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quantize import latencies, outputs  # noqa: E402
+from bench_quantize import latencies, outputs, size  # noqa: E402
 from bench_static_int8 import accuracy  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--criterion", default="l1")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--weights", action="store_true", help="also the prune-weights table (size, parity)")
     args = parser.parse_args(argv)
     settings = {f"reconstruct={r}": f"prune-channels:ratio={args.ratio},criterion={args.criterion},reconstruct={r}"
                 for r in ("false", "true")}
@@ -104,8 +105,39 @@ def main(argv=None) -> int:
         print("\n".join(lines[-3:]), flush=True)
     text = (f"# prune-channels ratio={args.ratio} criterion={args.criterion}: reconstruction off vs on\n\n"
             f"`python tools/bench_prune.py --ratio {args.ratio} --criterion {args.criterion}`\n\n" + "\n".join(lines) + "\n")
+    if args.weights:
+        text += "\n" + weights_table(args.models)
     (ROOT / "tools" / "results" / f"prune_{args.criterion}_{args.ratio}.md").write_text(text)
     return 0
+
+
+WEIGHT_SETTINGS = ["prune-weights:sparsity=0.5", "prune-weights:sparsity=0.5,criterion=stability",
+                   "prune-weights:pattern=2:4", "prune-weights:pattern=2:4,criterion=stability",
+                   "prune-weights:sparsity=0.8,sparse_storage=true",
+                   "prune-weights:sparsity=0.8,criterion=stability,sparse_storage=true"]
+
+
+def weights_table(models) -> str:
+    """prune-weights: size on disk and held-out parity (no latency column: onnxruntime has no sparse CPU
+    kernels, so zeroed weights run at the same speed)."""
+    lines = ["## prune-weights (size, not speed)", "",
+             "| model | setting | sparsity | size ratio | held-out min cosine | accuracy |", "|---|---|---|---|---|---|"]
+    for name in models:
+        src = str(ROOT / "models" / f"{name}.onnx")
+        tmp = tempfile.mkdtemp(prefix=f"bench-prunew-{name}-")
+        fit, held = split_calibration(name, tmp)
+        held_feeds = list(load_calibration(held, input_specs(onnx.load(src, load_external_data=False))))
+        base = os.path.join(tmp, "base.onnx")
+        api.optimize(src, passes=["cleanup"], calibration=fit, output=base)
+        for i, spec in enumerate(WEIGHT_SETTINGS):
+            out = os.path.join(tmp, f"{i}.onnx")
+            _, rep = api.optimize(src, passes=["cleanup", spec], calibration=fit, output=out, tolerance={"cosine": 0.0})
+            cos, _ = parity(src, out, held_feeds)
+            acc = accuracy(out, name)
+            lines.append(f"| {name} | {spec.split(':', 1)[1]} | {rep.passes[1].stats.get('sparsity', 0):.2f} | "
+                         f"{size(out) / size(base):.3f} | {cos:.5f} | {f'{acc:.4f}' if acc is not None else '-'} |")
+        print("\n".join(lines[-len(WEIGHT_SETTINGS):]), flush=True)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
