@@ -94,7 +94,7 @@ def error_profile(weight: np.ndarray, gram: np.ndarray | None, chol: np.ndarray 
 def _conv_rows(x: np.ndarray, view: tuple) -> np.ndarray:
     kind = view[0]
     if kind == "axis":
-        return as_rows(x, view[1])
+        return as_rows(x[:, None] if np.ndim(x) == 1 and view[1] == -2 else x, view[1])
     if kind == "conv1x1":  # only the pixels the strided 1x1 Conv reads (padding adds zero rows only)
         _, strides, pads = view
         index = (slice(None), slice(None)) + tuple(slice((-p) % s, None, s) for s, p in zip(strides, pads))
@@ -154,7 +154,7 @@ class LowRankSVD(Pass):
     def __init__(self, *, rank_ratio: float = 0.5, energy: float | None = None, max_error: float | None = None,
                  budget: float | None = None, rank_by: Literal["auto", "weights", "outputs"] = "auto",
                  whiten: Literal["auto", "true", "false"] = "auto",
-                 refit: bool = False, multiple: int = 8, min_size: int = 4096, min_saving: float = 0.1,
+                 refit: bool = False, multiple: int = 8, min_size: int = 4096, min_saving: float = 0.25,
                  exclude: list[str] | None = None, damping: float = 1e-4, min_cosine: float = 0.95):
         if not 0.0 < rank_ratio <= 1.0:
             raise ValueError("rank_ratio must be in (0, 1]")
@@ -261,6 +261,8 @@ class LowRankSVD(Pass):
             chols[i] = gram_cholesky(c.gram, self.damping) if (whiten and c.gram is not None) else None
             if self.max_error is not None or self.budget is not None:
                 profiles[i] = error_profile(c.weight, c.gram, chols[i])
+            if whiten and c.gram is None:
+                warnings.append(f"svd: {c.label}: not whitened ({c.note or 'no input statistics'}); plain SVD")
         budget_ranks = None
         if self.budget is not None:
             budget_ranks, before, after = self._budget_ranks(cands, profiles)
@@ -271,7 +273,9 @@ class LowRankSVD(Pass):
             k, n = c.weight.shape
             if budget_ranks is not None:
                 if i not in budget_ranks:
-                    skipped.append((c.label, f"budget={self.budget} met without factoring this layer"))
+                    k, n = c.weight.shape
+                    skipped.append((c.label, f"no rank saves {self.min_saving:.0%} of the MACs" if not self._saves(
+                        min(self.multiple, k, n), k, n) else f"budget={self.budget} met without factoring this layer"))
                     continue
                 r = budget_ranks[i]
             elif self.max_error is not None:
@@ -289,8 +293,6 @@ class LowRankSVD(Pass):
             if self.refit and c.gram is not None:
                 b = refit_second_factor(a, c.weight, c.gram, self.damping)
             self._rewrite(model, c, a.astype(np.float32), b.astype(np.float32))
-            if c.note:
-                warnings.append(f"svd: {c.label}: {c.note}")
             stats["layers_factored"] += 1
             stats["params_before"] += k * n
             stats["params_after"] += r * (k + n)
@@ -321,10 +323,10 @@ class LowRankSVD(Pass):
         if len(node.inputs) < 2:
             return None
         x_val, w_val = (model.constant_value(t) for t in node.inputs[:2])
+        if x_val is not None and w_val is not None:
+            skipped.append((label, "both inputs are constant (fold them with cleanup)"))
+            return None
         if node.op == "MatMul":
-            if x_val is not None and w_val is not None:
-                skipped.append((label, "both inputs are constant (fold them with cleanup)"))
-                return None
             if x_val is None and w_val is None:
                 return None  # activation x activation (attention scores): nothing to factor
             left = w_val is None
@@ -369,13 +371,13 @@ class LowRankSVD(Pass):
         w = np.ascontiguousarray(w_val.reshape(m, -1).T)  # [C*prod(kernel), M]
         note, view = "", None
         if auto_pad not in ("NOTSET", ""):
-            note = f"auto_pad={auto_pad}: plain SVD (no whitening statistics)"
+            note = f"auto_pad={auto_pad}"
         elif all(k == 1 for k in kernel):
             view = ("conv1x1", strides, pads)
         elif nd != 2:
-            note = f"{nd}-D kxk Conv: plain SVD (im2col whitening only for 2-D)"
+            note = f"{nd}-D kxk Conv: im2col statistics only for 2-D"
         elif c * int(np.prod(kernel)) > IM2COL_MAX_FEATURES:
-            note = f"C*k*k={c * int(np.prod(kernel))} > {IM2COL_MAX_FEATURES}: plain SVD (im2col Gram too large)"
+            note = f"C*k*k={c * int(np.prod(kernel))} > {IM2COL_MAX_FEATURES}: im2col Gram too large"
         else:
             view = ("im2col", tuple(kernel), strides, pads, dilations)
         return _Candidate(node, label, "conv", w, node.inputs[0], view, note)
@@ -398,8 +400,6 @@ class LowRankSVD(Pass):
         for c in cands:
             if c.view is not None:
                 c.gram = grams.get(c.key)
-            elif not c.note:
-                c.note = "plain SVD (no whitening statistics)"
 
     @staticmethod
     def _rewrite(model: Model, c: _Candidate, a: np.ndarray, b: np.ndarray) -> None:
