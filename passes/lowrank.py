@@ -395,8 +395,12 @@ class LowRankSVD(Pass):
         grams: dict = {}
         for acts in stream_activations(model, {name for name, _ in keys}, ctx, "svd: input statistics"):
             for name, view in keys:
-                x = _conv_rows(acts[name], view)
-                grams[(name, view)] = grams.get((name, view), 0) + x.T @ x
+                act = acts[name]
+                # im2col copies every patch: one sample at a time keeps that copy small
+                parts = [act[i:i + 1] for i in range(len(act))] if view[0] == "im2col" else [act]
+                for part in parts:
+                    x = _conv_rows(part, view)
+                    grams[(name, view)] = grams.get((name, view), 0) + x.T @ x
         for c in cands:
             if c.view is not None:
                 c.gram = grams.get(c.key)

@@ -152,11 +152,11 @@ def _feeds(proto, seed):
             for i in proto.graph.input}
 
 
-@pytest.mark.parametrize("whiten", ["false", "true"])
-def test_svd_every_candidate_kind_exact_at_full_rank(whiten):
+@pytest.mark.parametrize("whiten,refit", [("false", "false"), ("true", "false"), ("true", "true")])
+def test_svd_every_candidate_kind_exact_at_full_rank(whiten, refit):
     proto = _every_kind()
     calib = [_feeds(proto, seed) for seed in range(3)]
-    out, report = onnxslim_kit.optimize(proto, passes=[f"svd:energy=1.0,whiten={whiten},min_size=256"],
+    out, report = onnxslim_kit.optimize(proto, passes=[f"svd:energy=1.0,whiten={whiten},refit={refit},min_size=256,damping=1e-9"],
                                         calibration=calib, tolerance={"atol": 1e-4, "rtol": 1e-4})
     rec = report.passes[0]
     assert rec.stats["layers_factored"] == 5 and rec.stats["whitened"] == (whiten == "true")
