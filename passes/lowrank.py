@@ -148,7 +148,7 @@ class LowRankSVD(Pass):
     """
 
     name = "svd"
-    summary = "low-rank factorization of MatMul/Gemm/Conv weights (plain or activation-aware SVD, error or budget ranks)"
+    summary = "low-rank factorization of MatMul/Gemm/Conv weights (plain or activation-aware SVD; error/budget ranks)"
     tolerance = Tolerance(min_cosine=0.95)
 
     def __init__(self, *, rank_ratio: float = 0.5, energy: float | None = None, max_error: float | None = None,
@@ -273,7 +273,6 @@ class LowRankSVD(Pass):
             k, n = c.weight.shape
             if budget_ranks is not None:
                 if i not in budget_ranks:
-                    k, n = c.weight.shape
                     skipped.append((c.label, f"no rank saves {self.min_saving:.0%} of the MACs" if not self._saves(
                         min(self.multiple, k, n), k, n) else f"budget={self.budget} met without factoring this layer"))
                     continue
@@ -296,7 +295,8 @@ class LowRankSVD(Pass):
             stats["layers_factored"] += 1
             stats["params_before"] += k * n
             stats["params_after"] += r * (k + n)
-        stats["candidate_params_after"] = stats["candidate_params_before"] - stats["params_before"] + stats["params_after"]
+        stats["candidate_params_after"] = (stats["candidate_params_before"] - stats["params_before"]
+                                           + stats["params_after"])
         model.invalidate()
         return PassResult(model, stats["layers_factored"] > 0, stats, skipped, warnings)
 

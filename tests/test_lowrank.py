@@ -156,8 +156,9 @@ def _feeds(proto, seed):
 def test_svd_every_candidate_kind_exact_at_full_rank(whiten, refit):
     proto = _every_kind()
     calib = [_feeds(proto, seed) for seed in range(3)]
-    out, report = onnxslim_kit.optimize(proto, passes=[f"svd:energy=1.0,whiten={whiten},refit={refit},min_size=256,damping=1e-9"],
-                                        calibration=calib, tolerance={"atol": 1e-4, "rtol": 1e-4})
+    spec = f"svd:energy=1.0,whiten={whiten},refit={refit},min_size=256,damping=1e-9"  # ridge ~0: exact refit
+    out, report = onnxslim_kit.optimize(proto, passes=[spec], calibration=calib,
+                                        tolerance={"atol": 1e-4, "rtol": 1e-4})
     rec = report.passes[0]
     assert rec.stats["layers_factored"] == 5 and rec.stats["whitened"] == (whiten == "true")
     assert ("depthwise", "depthwise Conv (group=16): not factored") in rec.skipped
@@ -244,7 +245,7 @@ def test_svd_max_error_is_met_by_the_smallest_rank_on_calibration_data(whiten):
     got = run_model(out, calib)[1]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 0.3
     # one rank step lower (same factorization) would break the bound: the rank is the smallest one
-    w1 = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w1")).astype(np.float64)
+    w1 = next(onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "w1").astype(np.float64)
     xs = calib["x"].astype(np.float64) * np.geomspace(0.05, 5, 96)
     chol = gram_cholesky(xs.T @ xs, 1e-4) if whiten == "true" else None
     a, b = factorize(w1, rank - 8, chol=chol)
@@ -288,13 +289,15 @@ def test_svd_whitened_beats_plain_at_the_same_ranks_on_the_digits_cnn():
     data = np.load(MODELS / "digits_cnn_wide.eval.npz")
     results = {}
     for whiten in ("false", "true"):
-        out, report = onnxslim_kit.optimize(MODELS / "digits_cnn_wide.onnx", calibration=MODELS / "digits_cnn_wide.calib.npz",
+        out, report = onnxslim_kit.optimize(MODELS / "digits_cnn_wide.onnx",
+                                            calibration=MODELS / "digits_cnn_wide.calib.npz",
                                             passes=["cleanup", f"svd:energy=0.95,rank_by=outputs,whiten={whiten}"],
                                             tolerance={"cosine": 0.0})
         rec = report.passes[1]
         ranks = sorted((t.name, list(t.dims)) for t in out.graph.initializer if t.name.endswith(("_A", "_B")))
         logits = run_model(out, {"image": data["image"]})[0]
-        results[whiten] = (ranks, [o.cosine for o in report.parity.outputs], (logits.argmax(1) == data["labels"]).mean())
+        accuracy = (logits.argmax(1) == data["labels"]).mean()
+        results[whiten] = (ranks, [o.cosine for o in report.parity.outputs], accuracy)
         assert rec.stats["layers_factored"] == 3 and {n.op_type for n in out.graph.node} >= {"Conv", "Gemm", "MatMul"}
         onnx.checker.check_model(out, full_check=True)
     (ranks_p, cos_p, acc_p), (ranks_w, cos_w, acc_w) = results["false"], results["true"]
@@ -305,7 +308,8 @@ def test_svd_whitened_beats_plain_at_the_same_ranks_on_the_digits_cnn():
 
 @pytest.mark.slow
 def test_svd_cleanup_svd_int8_pipeline_on_the_digits_cnn_passes_its_gate(tmp_path):
-    _, report = onnxslim_kit.optimize(MODELS / "digits_cnn_wide.onnx", calibration=MODELS / "digits_cnn_wide.calib.npz",
+    _, report = onnxslim_kit.optimize(MODELS / "digits_cnn_wide.onnx",
+                                      calibration=MODELS / "digits_cnn_wide.calib.npz",
                                       passes=["cleanup", "svd:energy=0.95", "quantize-int8"],
                                       output=tmp_path / "c.onnx")
     assert report.written and [r.name for r in report.passes] == ["cleanup", "svd", "quantize-int8"]
