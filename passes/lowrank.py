@@ -344,6 +344,10 @@ class LowRankSVD(Pass):
                 return None
             if not self._is_matrix(w_val, label, skipped):
                 return None
+            if node.attrs.get("transA", 0) and model.opset < 11:
+                skipped.append((label, f"Gemm with transA at opset {model.opset}: the first factor would need "
+                                       "a bias input (optional only from opset 11)"))
+                return None
             w = w_val.T if node.attrs.get("transB", 0) else w_val
             w = w.astype(np.float64) * float(node.attrs.get("alpha", 1.0))
             view = ("axis", 0) if node.attrs.get("transA", 0) else ("axis", -1)

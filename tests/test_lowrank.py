@@ -333,3 +333,16 @@ def test_svd_wide_kxk_conv_is_factored_plain_with_a_note_when_whitening_is_too_c
     assert rec.stats["layers_factored"] == 1
     assert "svd: conv: not whitened (C*k*k=1152 > 1024: im2col Gram too large); plain SVD" in rec.warnings
     assert_parity(proto, out, calib[0], atol=1e-4, rtol=1e-4)
+
+
+def test_svd_gemm_with_trans_a_is_left_alone_before_opset_11():
+    r = rng(10)
+    w = _low_rank(r, (64, 96), 8)
+    nodes = [helper.make_node("Gemm", ["a", "w", "c"], ["y"], name="gemm", transA=1)]
+    proto = make_model(nodes, [("a", FLOAT, [64, 6])], [("y", FLOAT, [6, 96])],
+                       [init("w", w), init("c", np.zeros(96, np.float32))], opset=10)
+    out, report = onnxslim_kit.optimize(proto, passes=["svd:energy=1.0,whiten=false"])
+    rec = report.passes[0]
+    assert not rec.modified and rec.skipped == [
+        ("gemm", "Gemm with transA at opset 10: the first factor would need a bias input (optional only from opset 11)")]
+    assert_parity(proto, out, {"a": r.standard_normal((64, 6)).astype(np.float32)})
