@@ -346,3 +346,19 @@ def test_svd_gemm_with_trans_a_is_left_alone_before_opset_11():
     assert not rec.modified and rec.skipped == [
         ("gemm", "Gemm with transA at opset 10: the first factor would need a bias input (optional only from opset 11)")]
     assert_parity(proto, out, {"a": r.standard_normal((64, 6)).astype(np.float32)})
+
+
+def test_svd_left_matmul_on_a_vector_and_constant_only_matmul():
+    r = rng(11)
+    inits = [init("w", _low_rank(r, (96, 64), 8)), init("k1", r.standard_normal((4, 4)).astype(np.float32)),
+             init("k2", r.standard_normal((4, 4)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["w", "v"], ["y"], name="left_vec"),   # [96, 64] @ [64]
+             helper.make_node("MatMul", ["k1", "k2"], ["z"], name="consts")]
+    proto = make_model(nodes, [("v", FLOAT, [64])], [("y", FLOAT, [96]), ("z", FLOAT, [4, 4])], inits)
+    calib = [{"v": r.standard_normal(64).astype(np.float32)} for _ in range(80)]
+    out, report = onnxslim_kit.optimize(proto, passes=["svd:energy=1.0,whiten=true,min_size=16,damping=1e-9"],
+                                        calibration=calib, tolerance={"atol": 1e-4, "rtol": 1e-4})
+    rec = report.passes[0]
+    assert rec.stats["layers_factored"] == 1
+    assert rec.skipped == [("consts", "both inputs are constant (fold them with cleanup)")]
+    assert_parity(proto, out, calib[0], atol=1e-4, rtol=1e-4)
