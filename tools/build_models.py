@@ -62,6 +62,28 @@ def _archs():
             x = torch.flatten(x, 1)
             return self.fc2(self.drop(F.relu(self.fc1(x))))
 
+    class DigitsCNNWide(nn.Module):
+        """Digits CNN with a large classifier head (a 1024x384 Linear) and its embedding as a second output."""
+
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+            self.b1 = nn.BatchNorm2d(32)
+            self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+            self.b2 = nn.BatchNorm2d(64)
+            self.c3 = nn.Conv2d(64, 64, 3, padding=1)
+            self.b3 = nn.BatchNorm2d(64)
+            self.fc1 = nn.Linear(64 * 4 * 4, 384)
+            self.drop = nn.Dropout(0.2)
+            self.fc2 = nn.Linear(384, 10)
+
+        def forward(self, x):
+            x = F.relu(self.b1(self.c1(x)))
+            x = F.max_pool2d(F.relu(self.b2(self.c2(x))), 2)
+            x = F.relu(self.b3(self.c3(x)))
+            emb = F.relu(self.fc1(torch.flatten(x, 1)))
+            return self.fc2(self.drop(emb)), emb
+
     class BasicBlock(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()
@@ -220,7 +242,7 @@ def _archs():
             pooled = torch.tanh(self.pool(x[:, 0]))
             return x, pooled
 
-    return dict(DigitsCNN=DigitsCNN, ResNetTiny=ResNetTiny, MobileNetV2Tiny=MobileNetV2Tiny,
+    return dict(DigitsCNN=DigitsCNN, DigitsCNNWide=DigitsCNNWide, ResNetTiny=ResNetTiny, MobileNetV2Tiny=MobileNetV2Tiny,
                 MobileNetV3Tiny=MobileNetV3Tiny, DetHeadTiny=DetHeadTiny, BertTiny=BertTiny)
 
 
@@ -277,7 +299,8 @@ def _opset(path: Path) -> int:
 # builders
 # ----------------------------------------------------------------------------------------------
 
-def build_digits_cnn() -> dict:
+def _train_digits(arch: str, epochs: int = 25):
+    """Train ``arch`` on scikit-learn's digits (70/30 split, seeded); returns (model, test images, labels, train images)."""
     torch = _torch()
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -286,20 +309,27 @@ def build_digits_cnn() -> dict:
     x = (digits.images / 16.0).astype(np.float32)[:, None]  # [n, 1, 8, 8] in [0, 1]
     y = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    model = _archs()["DigitsCNN"]()
+    model = _archs()[arch]()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     g = torch.Generator().manual_seed(0)
-    for _ in range(25):
+    for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), 64):
             idx = perm[i:i + 64]
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            out = model(xt[idx])
+            loss = torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, yt[idx])
             loss.backward()
             opt.step()
     model.eval()
+    return model, x_train, x_test, y_test
+
+
+def build_digits_cnn() -> dict:
+    torch = _torch()
+    model, x_train, x_test, y_test = _train_digits("DigitsCNN")
     with torch.no_grad():
         acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
     path = MODELS / "digits_cnn.onnx"
@@ -312,6 +342,26 @@ def build_digits_cnn() -> dict:
     return {"file": path.name, "arch": "3-conv CNN + BN + 2 FC, trained on sklearn digits", "exporter": "torch.onnx (TorchScript)",
             "inputs": "image [batch,1,8,8] float32", "params": sum(p.numel() for p in model.parameters()),
             "accuracy": round(onnx_acc, 4), "torch_accuracy": round(acc, 4)}
+
+
+def build_digits_cnn_wide() -> dict:
+    """The low-rank benchmark's CNN: a large classifier head (1024x384) worth factoring; same data split
+    as digits_cnn, so it shares digits_cnn.eval.npz (copied under its own name for the tools)."""
+    torch = _torch()
+    model, x_train, x_test, y_test = _train_digits("DigitsCNNWide")
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(x_test))[0].argmax(1).numpy() == y_test).mean())
+    path = MODELS / "digits_cnn_wide.onnx"
+    _export(model, (torch.from_numpy(x_test[:1]),), path, ["image"], ["logits", "embedding"],
+            {"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}})
+    logits = _check_ort(path, {"image": x_test})[0]
+    onnx_acc = float((logits.argmax(1) == y_test).mean())
+    np.savez(MODELS / "digits_cnn_wide.calib.npz", image=x_train[:64])
+    np.savez(MODELS / "digits_cnn_wide.eval.npz", image=x_test, labels=y_test)
+    return {"file": path.name, "arch": "digits CNN, 32/64/64 convs + BN, large head: FC 1024x384 + FC 384x10; outputs logits and the 384-d embedding",
+            "exporter": "torch.onnx (TorchScript)", "inputs": "image [batch,1,8,8] float32",
+            "params": sum(p.numel() for p in model.parameters()), "accuracy": round(onnx_acc, 4),
+            "torch_accuracy": round(acc, 4)}
 
 
 def _build_cnn(name: str, arch: str, size: int, *, opset: int = 17, dynamo: bool = False, calib: int = 16,
@@ -471,6 +521,7 @@ def build_sklearn_mlp() -> dict:
 
 BUILDERS = {
     "digits_cnn": build_digits_cnn,
+    "digits_cnn_wide": build_digits_cnn_wide,
     "resnet_tiny": build_resnet_tiny,
     "resnet_tiny_opset13": build_resnet_tiny_opset13,
     "mobilenetv2_tiny": build_mobilenetv2_tiny,
