@@ -737,8 +737,9 @@ class QuantizeInt8(Pass):
                 node.name = model.unique_name(node.op.lower())
         stats_extra, undo = self._accuracy_aids(model, ctx, per_channel, skipped)
         plan = self._plan(model, ctx, skipped)
-        if plan is None:
-            return PassResult(model, False, {"nodes_quantized": 0}, skipped, warnings)
+        if plan is None:  # the aids may still have rewritten weights (exactly): say so
+            aided = any(stats_extra.get(k) for k in ("pairs_equalized", "matmuls_smoothed", "biases_corrected"))
+            return PassResult(model, aided, {"nodes_quantized": 0, **stats_extra}, skipped, warnings)
         excluded: set[str] = set()
         if self.target_cosine is not None:
             excluded = self._sensitivity_fallback(plan, ctx, per_channel, skipped, stats_extra)

@@ -277,3 +277,21 @@ def test_equalize_trained_mobilenet_passes_exact_parity_gate():
     assert any("feeds Add" in reason for _, reason in rec.skipped)  # residual branches stay as they are
     assert report.parity.ok
     onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.slow
+def test_smoothquant_bert_is_exact_in_float_and_shares_one_scale_for_qkv():
+    from onnxslim_kit.calibration import input_specs, load_calibration
+
+    proto = onnx.load(MODELS / "bert_tiny.onnx")
+    data = list(load_calibration(MODELS / "bert_tiny.calib.npz", input_specs(proto)))
+    model = Model.from_proto(proto)
+    names = [n.name for n in model.nodes if n.op == "MatMul" and model.constant_value(n.inputs[1]) is not None]
+    skipped = []
+    stats = quant_aids.smooth_quant(model, PassContext(calibration=data), 0.5, names, skipped)
+    assert stats["matmuls_smoothed"] == len(names)
+    # Q, K, V (and the MLP up-projection) read LayerNorm outputs that also feed residual Adds: one Mul
+    # per shared input, fewer Muls than smoothed MatMuls
+    assert stats["smooth_mul_inserted"] + stats["smooth_folded_into_layernorm"] < stats["matmuls_smoothed"]
+    out = model.to_proto()
+    assert_parity(proto, out, data[0], atol=1e-4, rtol=1e-3)
