@@ -295,3 +295,21 @@ def test_smoothquant_bert_is_exact_in_float_and_shares_one_scale_for_qkv():
     assert stats["smooth_mul_inserted"] + stats["smooth_folded_into_layernorm"] < stats["matmuls_smoothed"]
     out = model.to_proto()
     assert_parity(proto, out, data[0], atol=1e-4, rtol=1e-3)
+
+
+def test_quantize_int8_bias_correction_undone_for_layers_kept_in_float():
+    from builders import conv_bn_relu
+
+    biases = {}
+    for spec in ("quantize-int8:target_cosine=1.0", "quantize-int8:target_cosine=1.0,bias_correction=true"):
+        proto, report = onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", spec], check="off")
+        rec = report.passes[1]
+        assert rec.stats["nodes_kept_float"] == 2  # unreachable target: every compute node stays float
+        w = _weights(proto)
+        biases[spec] = {n.name: w[n.input[2]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")}
+        onnx.checker.check_model(proto, full_check=True)
+    assert rec.stats["biases_corrected"] == 2
+    plain, corrected = biases.values()
+    assert plain.keys() == corrected.keys() and len(plain) == 2
+    for name in plain:  # float layers must not carry a correction for rounding they never get
+        np.testing.assert_array_equal(corrected[name], plain[name])
