@@ -21,7 +21,7 @@ is also registered as the standalone pass ``equalize``.
   when the normalized tensor feeds only the smoothed MatMuls; otherwise a Mul by 1/s is inserted (the
   quantizer's Q/DQ then sits after it). Consumers sharing one input share one s (max over their weights).
 
-This module registers only ``equalize`` and imports no other pass module.
+This module registers only ``equalize``; of passes/ it imports only the shared helpers in reconstruct.py.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_kit.ir import Model, tensor_from_array
 from onnxslim_kit.pass_base import EXACT, Pass, PassContext, PassResult
 from onnxslim_kit.registry import register_pass
+from passes.reconstruct import stream_activations
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +380,6 @@ def undo_bias_correction(model: Model, undo: dict[str, tuple], names: Iterable[s
 
 
 def stream_activations_for(model: Model, names: list[str], ctx: PassContext):
-    from passes.reconstruct import stream_activations
-
     return stream_activations(model, names, ctx, "accuracy aids: reading activations")
 
 
