@@ -313,3 +313,19 @@ def test_quantize_int8_bias_correction_undone_for_layers_kept_in_float():
     assert plain.keys() == corrected.keys() and len(plain) == 2
     for name in plain:  # float layers must not carry a correction for rounding they never get
         np.testing.assert_array_equal(corrected[name], plain[name])
+
+
+@pytest.mark.slow
+def test_quantize_int8_smoothquant_bert_keeps_integer_matmuls(tmp_path):
+    fused = {}
+    for spec in ("quantize-int8", "quantize-int8:smoothquant=0.5"):
+        proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx", passes=["cleanup", spec],
+                                              calibration=MODELS / "bert_tiny.calib.npz")
+        assert report.parity.ok and all(o.cosine >= 0.99 for o in report.parity.outputs)
+        onnx.checker.check_model(proto, full_check=True)
+        fused[spec] = _fused_ops(proto, tmp_path)
+    assert report.passes[1].stats["matmuls_smoothed"] >= 12
+    plain, smooth = fused.values()
+    # the inserted Muls run in float before the Q/DQ: every MatMul still becomes an integer kernel
+    assert smooth.count("QLinearMatMul") == plain.count("QLinearMatMul") >= 12
+    assert smooth.count("QGemm") == plain.count("QGemm")
