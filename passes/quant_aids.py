@@ -15,6 +15,8 @@ is also registered as the standalone pass ``equalize``.
 - **Bias correction** (same paper, empirical variant): weight rounding shifts each output's expectation
   by E[x] . (W_q - W); that shift, with E[x] streamed from the calibration data, is subtracted from the
   bias (a bias is added to a Conv/Gemm that has none; a MatMul needs a following constant bias Add).
+  For a zero-padded Conv the correction assumes every kernel tap sees the input mean; border outputs
+  see fewer taps, so there it is approximate.
 - **SmoothQuant** (Xiao et al. 2023): for MatMul/Gemm with a constant weight, input channel j is divided
   by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) and weight row j multiplied by it, moving activation
   outliers into the weights. The division is folded into a preceding LayerNormalization's scale and bias
