@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
             rows.append([name, label, f"{cos:.6f}", f"{snr:.2f}", acc, f"{med[label] / med['fp32']:.3f}", vs_ort,
                          f"{size(path) / 1024:.0f}", f"{secs[label]:.2f}"])
             print(" | ".join(rows[-1]), flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leave no model copies behind
     text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
     if notes:
