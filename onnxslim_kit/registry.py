@@ -20,8 +20,8 @@ from .errors import InputError
 _REGISTRY: dict[str, type] = {}
 
 # Modules under passes/ that register built-in passes when imported.
-BUILTIN_PASS_MODULES = ("passes.cleanup", "passes.simplify", "passes.quantize", "passes.lowrank",
-                        "passes.prune")
+BUILTIN_PASS_MODULES = ("passes.cleanup", "passes.simplify", "passes.quantize", "passes.quant_aids",
+                        "passes.lowrank", "passes.prune")
 
 
 def register_pass(cls: type) -> type:

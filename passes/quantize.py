@@ -26,6 +26,7 @@ from onnxslim_kit.ir import Model, tensor_from_array
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
 from onnxslim_kit.registry import register_pass
 from onnxslim_kit.shapes import elem_type, with_outputs
+from passes import quant_aids
 
 logger = logging.getLogger(__name__)
 
@@ -895,6 +896,12 @@ class QuantizeInt8(Pass):
         keep_first_last: keep the first and last compute node in float
         target_cosine: sensitivity fallback: keep the fewest, most sensitive layers in float until the
             outputs' cosine vs the float model reaches this (measured on the calibration data)
+        equalize: cross-layer equalization of Conv -> Relu -> Conv weight ranges first (exact; helps
+            most with per_channel=false)
+        bias_correction: subtract the expected output shift caused by weight rounding from each bias
+            (input means from the calibration data)
+        smoothquant: SmoothQuant alpha (e.g. 0.5) for MatMul/Gemm inputs: activation outliers moved
+            into the weights (folded into a preceding LayerNormalization, else a Mul is inserted)
         min_cosine: parity bound this pass promises on the final outputs
     """
 
@@ -907,10 +914,14 @@ class QuantizeInt8(Pass):
                  percentile: float = 99.999,
                  activation_type: Literal["uint8", "int8", "int16"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
-                 keep_first_last: bool = False, target_cosine: float | None = None, min_cosine: float = 0.99,
+                 keep_first_last: bool = False, target_cosine: float | None = None, equalize: bool = False,
+                 bias_correction: bool = False, smoothquant: float | None = None, min_cosine: float = 0.99,
                  int16_nodes: list[str] | None = None, exclude_op_types: list[str] | None = None,
                  include: list[str] | None = None):
         self.calibration, self.percentile = calibration, percentile
+        if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
+            raise ValueError("smoothquant (alpha) must be in [0, 1]")
+        self.equalize, self.bias_correction, self.smoothquant = equalize, bias_correction, smoothquant
         if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
             raise ValueError("target_cosine must be in (0, 1]")
         self.target_cosine = target_cosine
@@ -1007,18 +1018,44 @@ class QuantizeInt8(Pass):
         for node in model.nodes:  # the plan refers to nodes by name (it is re-applied to copies)
             if not node.name:
                 node.name = model.unique_name(node.op.lower())
+        stats_extra, undo = self._accuracy_aids(model, ctx, per_channel, skipped)
         plan = self._plan(model, ctx, skipped)
-        if plan is None:
-            return PassResult(model, False, {"nodes_quantized": 0}, skipped, warnings)
+        if plan is None:  # the aids may still have rewritten weights (exactly): say so
+            aided = any(stats_extra.get(k) for k in ("pairs_equalized", "matmuls_smoothed", "biases_corrected"))
+            return PassResult(model, aided, {"nodes_quantized": 0, **stats_extra}, skipped, warnings)
         excluded: set[str] = set()
-        stats_extra: dict[str, float] = {}
         if self.target_cosine is not None:
             excluded = self._sensitivity_fallback(plan, ctx, per_channel, skipped, stats_extra)
+            quant_aids.undo_bias_correction(model, undo, excluded)  # float layers keep their own bias
         stats = self._apply(model, plan, excluded, per_channel)
         stats.update(stats_extra)
         stats.update(self._preflight(plan["proto"], [n for n in plan["compute"] if n not in excluded], ctx, warnings))
         modified = stats["nodes_quantized"] > 0 or stats["activations_quantized"] > 0
         return PassResult(model, modified, stats, skipped, warnings)
+
+    def _accuracy_aids(self, model: Model, ctx: PassContext, per_channel: bool, skipped: list):
+        """Equalization and SmoothQuant (before ranges are calibrated), then bias correction against the
+        weights exactly as _quantize_weights will round them (passes/quant_aids.py)."""
+        stats: dict[str, float] = {}
+        undo: dict = {}
+        if self.equalize:
+            stats.update(quant_aids.equalize(model, skipped))
+        if self.smoothquant is not None:
+            names = [n.name for n in self._select(model, []) if n.op in ("MatMul", "Gemm")]
+            stats.update(quant_aids.smooth_quant(model, ctx, self.smoothquant, names, skipped))
+        if self.bias_correction:
+            def fake_quant(w, axis):
+                q, scale = quantize_weight_symmetric(w, axis=axis if per_channel else None,
+                                                     reduce_range=self.reduce_range)
+                shape = [1] * w.ndim
+                if per_channel:
+                    shape[axis] = -1
+                return q.astype(np.float32) * scale.reshape(shape)
+
+            names = [n.name for n in self._select(model, [])]
+            bias_stats, undo = quant_aids.correct_biases(model, ctx, names, fake_quant, skipped)
+            stats.update(bias_stats)
+        return stats, undo
 
     def _plan(self, model: Model, ctx: PassContext, skipped: list) -> dict | None:
         """Which nodes and tensors to quantize, with calibrated quantization parameters, by name."""

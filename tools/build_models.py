@@ -2,6 +2,7 @@
 
     python tools/build_models.py            # every model
     python tools/build_models.py resnet_tiny bert_tiny
+    python tools/build_models.py mobilenetv2_digits   # only the trained MobileNetV2 (others unchanged)
 
 Each model is a real architecture exported by PyTorch's exporters (or converted by skl2onnx), seeded
 and deterministic, with calibration samples next to it (``<name>.calib.npz``: one array per input
@@ -242,8 +243,30 @@ def _archs():
             pooled = torch.tanh(self.pool(x[:, 0]))
             return x, pooled
 
+    class MobileNetV2Digits(nn.Module):
+        """MobileNetV2-style net for 16x16 digits: inverted residuals with depthwise convs and ReLU (not
+        ReLU6: cross-layer equalization rescales through Relu only, as in Nagel et al. 2019)."""
+
+        def __init__(self, classes=10, act=nn.ReLU):
+            super().__init__()
+            cfg = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 48, 1, 1)]
+            layers = [nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), act()]
+            cin = 16
+            for t, c, n, s in cfg:
+                for i in range(n):
+                    layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t, act=act))
+                    cin = c
+            layers += [nn.Conv2d(cin, 128, 1, bias=False), nn.BatchNorm2d(128), act()]
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, classes))
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(self.features(x), 1)
+            return self.classifier(torch.flatten(x, 1))
+
     return dict(DigitsCNN=DigitsCNN, DigitsCNNWide=DigitsCNNWide, ResNetTiny=ResNetTiny, MobileNetV2Tiny=MobileNetV2Tiny,
-                MobileNetV3Tiny=MobileNetV3Tiny, DetHeadTiny=DetHeadTiny, BertTiny=BertTiny)
+                MobileNetV3Tiny=MobileNetV3Tiny, DetHeadTiny=DetHeadTiny, BertTiny=BertTiny,
+                MobileNetV2Digits=MobileNetV2Digits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +385,53 @@ def build_digits_cnn_wide() -> dict:
             "exporter": "torch.onnx (TorchScript)", "inputs": "image [batch,1,8,8] float32",
             "params": sum(p.numel() for p in model.parameters()), "accuracy": round(onnx_acc, 4),
             "torch_accuracy": round(acc, 4)}
+
+
+def build_mobilenetv2_digits() -> dict:
+    """A TRAINED MobileNetV2-style model (the other MobileNets have random weights, where every int8
+    recipe keeps cosine ~1 and accuracy aids cannot show anything): sklearn digits upsampled to 16x16."""
+    torch = _torch()
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x8 = torch.from_numpy((digits.images / 16.0).astype(np.float32)[:, None])
+    x = torch.nn.functional.interpolate(x8, size=(16, 16), mode="bilinear", align_corners=False).numpy()
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    model = _archs()["MobileNetV2Digits"]()
+    epochs = 30
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            idx = perm[i:i + 64]
+            batch = xt[idx]
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # +-1 pixel shifts: a little augmentation
+            batch = torch.roll(batch, shifts=shift, dims=(2, 3))
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(batch), yt[idx])
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    path = MODELS / "mobilenetv2_digits.onnx"
+    _export(model, (torch.from_numpy(x_test[:1]),), path, ["image"], ["logits"],
+            {"image": {0: "batch"}, "logits": {0: "batch"}})
+    logits = _check_ort(path, {"image": x_test})[0]
+    onnx_acc = float((logits.argmax(1) == y_test).mean())
+    np.savez(MODELS / "mobilenetv2_digits.calib.npz", image=x_train[:32])
+    np.savez(MODELS / "mobilenetv2_digits.eval.npz", image=x_test, labels=y_test)
+    return {"file": path.name, "arch": "MobileNetV2-style (inverted residuals, depthwise, ReLU), trained on "
+                                      "sklearn digits upsampled to 16x16", "exporter": "torch.onnx (TorchScript)",
+            "inputs": "image [batch,1,16,16] float32", "params": sum(p.numel() for p in model.parameters()),
+            "accuracy": round(onnx_acc, 4), "torch_accuracy": round(acc, 4), "opset": _opset(path)}
 
 
 def _build_cnn(name: str, arch: str, size: int, *, opset: int = 17, dynamo: bool = False, calib: int = 16,
@@ -526,6 +596,7 @@ BUILDERS = {
     "resnet_tiny_opset13": build_resnet_tiny_opset13,
     "mobilenetv2_tiny": build_mobilenetv2_tiny,
     "mobilenetv2_tiny_dynamo": build_mobilenetv2_tiny_dynamo,
+    "mobilenetv2_digits": build_mobilenetv2_digits,
     "mobilenetv3_tiny": build_mobilenetv3_tiny,
     "mobilenetv3_tiny_opset23": build_mobilenetv3_tiny_opset23,
     "det_head_tiny": build_det_head_tiny,

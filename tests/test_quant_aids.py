@@ -1,0 +1,331 @@
+"""passes/quant_aids.py: cross-layer equalization (pass `equalize` and quantize-int8:equalize), bias
+correction and SmoothQuant (quantize-int8 options)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import onnxslim_kit
+from builders import FLOAT, assert_parity, init, make_model, rng, run_model
+from onnxslim_kit.ir import Model
+from onnxslim_kit.pass_base import PassContext
+from onnxslim_kit.pipeline import Pipeline
+from passes import quant_aids
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _conv_pair(act="Relu", *, seed=0):
+    """Conv(3->8, 3x3) -> act -> Conv(8->4, 3x3); the first Conv's output channels span 1000x in range."""
+    r = rng(seed)
+    w1 = r.standard_normal((8, 3, 3, 3)).astype(np.float32) * np.logspace(-2, 1, 8, dtype=np.float32)[:, None, None, None]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1])]
+    inits = [init("w1", w1), init("b1", r.standard_normal(8).astype(np.float32) * 0.1),
+             init("w2", r.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3),
+             init("b2", r.standard_normal(4).astype(np.float32) * 0.1)]
+    if act == "Clip":
+        inits += [init("lo", np.array(0, np.float32)), init("hi", np.array(6, np.float32))]
+        nodes.append(helper.make_node("Clip", ["h", "lo", "hi"], ["a"], name="relu6"))
+    else:
+        nodes.append(helper.make_node(act, ["h"], ["a"], name="act"))
+    nodes.append(helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1]))
+    return make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, ["N", 4, 8, 8])], inits)
+
+
+def _depthwise_chain(seed=0):
+    """Conv 1x1 (4->8) -> Relu -> depthwise 3x3 (group 8, no bias) -> Relu -> Conv 1x1 (8->4)."""
+    r = rng(seed)
+    spread = np.logspace(-1.5, 1, 8, dtype=np.float32)
+    inits = [init("pw1", r.standard_normal((8, 4, 1, 1)).astype(np.float32) * spread[:, None, None, None]),
+             init("pb1", r.standard_normal(8).astype(np.float32)),
+             init("dw", r.standard_normal((8, 1, 3, 3)).astype(np.float32) * spread[::-1, None, None, None]),
+             init("pw2", r.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.5)]
+    nodes = [helper.make_node("Conv", ["x", "pw1", "pb1"], ["h1"], name="expand"),
+             helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+             helper.make_node("Conv", ["a1", "dw"], ["h2"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+             helper.make_node("Conv", ["a2", "pw2"], ["y"], name="project")]
+    return make_model(nodes, [("x", FLOAT, ["N", 4, 6, 6])], [("y", FLOAT, ["N", 4, 6, 6])], inits)
+
+
+def _run_pass(proto, spec, calibration=None):
+    ctx = PassContext(calibration=calibration, calibration_is_random=calibration is None)
+    model, records = Pipeline.from_specs([spec]).run(Model.from_proto(proto), ctx)
+    return model.to_proto(), records[0]
+
+
+def _weights(proto):
+    return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def _node(proto, name):
+    return next(n for n in proto.graph.node if n.name == name)
+
+
+def _out_ranges(w):
+    return np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+
+
+def _in_ranges(w, group=1):
+    cout, cin_g = w.shape[:2]
+    v = np.abs(w.reshape(group, cout // group, cin_g, -1)).max(axis=(1, 3))
+    return v.reshape(-1)
+
+
+def test_equalize_conv_relu_conv_is_exact_and_equalizes_ranges():
+    proto = _conv_pair()
+    out, rec = _run_pass(proto, "equalize")
+    assert rec.modified and rec.stats["pairs_equalized"] == 1
+    w = _weights(out)
+    w1, w2 = w[_node(out, "conv1").input[1]], w[_node(out, "conv2").input[1]]
+    r1, r2 = _out_ranges(w1), _in_ranges(w2)
+    # s_i = sqrt(r1_i r2_i) / r2_i makes both sides sqrt(r1_i r2_i): equal per channel
+    np.testing.assert_allclose(r1, r2, rtol=1e-5)
+    before = _weights(proto)
+    np.testing.assert_allclose(r1, np.sqrt(_out_ranges(before["w1"]) * _in_ranges(before["w2"])), rtol=1e-5)
+    assert r1.max() / r1.min() < _out_ranges(before["w1"]).max() / _out_ranges(before["w1"]).min() / 10
+    x = rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert_parity(proto, out, {"x": x}, atol=1e-4, rtol=1e-4)
+
+
+def test_equalize_depthwise_chain_is_exact_and_converges():
+    proto = _depthwise_chain()
+    out, rec = _run_pass(proto, "equalize")
+    assert rec.stats["pairs_equalized"] == 2 and rec.stats["equalize_sweeps"] > 1
+    assert rec.stats["weight_range_spread_after"] < rec.stats["weight_range_spread_before"]
+    w = _weights(out)
+    pw1, dw, pw2 = (w[_node(out, n).input[1]] for n in ("expand", "depthwise", "project"))
+    # a bias was rescaled with its channel; the depthwise Conv (no bias) got none
+    assert len(_node(out, "depthwise").input) == 2
+    # at the fixed point every pair is balanced: out-range of the first == in-range of the second
+    np.testing.assert_allclose(_out_ranges(pw1), _in_ranges(dw, group=8), rtol=1e-3)
+    np.testing.assert_allclose(_out_ranges(dw), _in_ranges(pw2), rtol=1e-3)
+    x = rng(2).standard_normal((3, 4, 6, 6)).astype(np.float32)
+    assert_parity(proto, out, {"x": x}, atol=1e-4, rtol=1e-4)
+
+
+def test_equalize_skips_clip_pair_with_reason():
+    out, rec = _run_pass(_conv_pair("Clip"), "equalize")
+    assert not rec.modified and rec.stats["pairs_equalized"] == 0
+    reasons = dict(rec.skipped)
+    assert "Clip" in reasons["conv1"] and "scale-equivariant" in reasons["conv1"]
+    assert reasons["conv2"] == "not equalized: output is a graph output or read by a subgraph"
+    onnx.checker.check_model(out, full_check=True)
+
+
+def _biased_layer(op):
+    """A layer whose input has a large mean (5) and whose weight has one outlier, so per-tensor int8
+    rounding is coarse and its error shifts every output by E[x] . (W_q - W)."""
+    r = rng(3)
+    if op == "Gemm":
+        w = r.standard_normal((16, 64)).astype(np.float32) * 0.05
+        w[0, 0] = 2.0
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="layer", transB=1)]
+        inits = [init("w", w), init("b", np.zeros(16, np.float32))]
+        shape_in, shape_out = ["N", 64], ["N", 16]
+    else:  # Conv without a bias: bias correction adds one. No padding: zero-padded borders see fewer
+        # taps, so there the per-channel correction is only approximate.
+        w = r.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.05
+        w[0, 0, 0, 0] = 2.0
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="layer")]
+        inits = [init("w", w)]
+        shape_in, shape_out = ["N", 8, 6, 6], ["N", 16, 4, 4]
+    proto = make_model(nodes, [("x", FLOAT, shape_in)], [("y", FLOAT, shape_out)], inits)
+    data = [{"x": (5.0 + rng(10 + i).standard_normal([8] + shape_in[1:])).astype(np.float32)} for i in range(4)]
+    return proto, data
+
+
+@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+def test_quantize_int8_bias_correction_moves_output_mean_to_float(op):
+    proto, data = _biased_layer(op)
+    x = np.concatenate([d["x"] for d in data])
+    ref = run_model(proto, {"x": x})[0]
+    shifts = {}
+    for spec in ("quantize-int8:per_channel=false", "quantize-int8:per_channel=false,bias_correction=true"):
+        out, rec = _run_pass(proto, spec, calibration=data)
+        got = run_model(out, {"x": x})[0]
+        axes = tuple(i for i in range(ref.ndim) if i != 1)
+        shifts[spec] = np.abs((got - ref).mean(axis=axes))  # per output channel
+    plain, corrected = shifts.values()
+    assert rec.stats["biases_corrected"] == 1
+    assert corrected.mean() < 0.3 * plain.mean()
+    assert (corrected < plain).mean() >= 0.75
+    layer = _node(out, "layer")
+    assert len(layer.input) == 3 and layer.input[2]  # the Conv got a bias (now int32 + DequantizeLinear)
+    onnx.checker.check_model(out, full_check=True)
+
+
+def _smooth_model(layernorm: bool):
+    """[LayerNormalization ->] MatMul(64 -> 32) + bias Add; the MatMul input has 4 outlier channels
+    (50x); with the LayerNorm, its output also feeds a residual Add, so no fold: a Mul is inserted."""
+    r = rng(4)
+    gamma = np.ones(64, np.float32)
+    gamma[:4] = 50.0
+    inits = [init("w", r.standard_normal((64, 32)).astype(np.float32) * 0.1),
+             init("bias", r.standard_normal(32).astype(np.float32) * 0.1),
+             init("gamma", gamma), init("beta", r.standard_normal(64).astype(np.float32) * 0.1)]
+    nodes = []
+    src = "x"
+    if layernorm:
+        nodes.append(helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1))
+        src = "ln"
+    else:
+        inits = inits[:2]
+    nodes += [helper.make_node("MatMul", [src, "w"], ["mm"], name="mm"),
+              helper.make_node("Add", ["mm", "bias"], ["y"], name="bias_add")]
+    return make_model(nodes, [("x", FLOAT, ["N", 5, 64])], [("y", FLOAT, ["N", 5, 32])], inits)
+
+
+def _smooth_data(layernorm: bool, n=4):
+    out = []
+    for i in range(n):
+        x = rng(20 + i).standard_normal((4, 5, 64)).astype(np.float32)
+        if not layernorm:
+            x[..., :4] *= 50.0
+        out.append({"x": x})
+    return out
+
+
+def _cosine(a, b):
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("layernorm", [True, False])
+def test_smoothquant_is_exact_in_float(layernorm):
+    proto = _smooth_model(layernorm)
+    model = Model.from_proto(proto)
+    skipped = []
+    stats = quant_aids.smooth_quant(model, PassContext(calibration=_smooth_data(layernorm)), 0.5, ["mm"], skipped)
+    assert stats["matmuls_smoothed"] == 1 and not skipped
+    assert stats["smooth_folded_into_layernorm" if layernorm else "smooth_mul_inserted"] == 1
+    out = model.to_proto()
+    x = _smooth_data(layernorm, 1)[0]["x"]
+    assert_parity(proto, out, {"x": x}, atol=1e-4, rtol=1e-4)
+    if layernorm:  # the division went into the LayerNorm's scale: outlier channels are no longer outliers
+        gamma = _weights(out)[_node(out, "ln").input[1]]
+        assert gamma[:4].max() / gamma[4:].mean() < 50.0 / 2
+
+
+def test_smoothquant_layernorm_with_residual_inserts_mul():
+    proto = _smooth_model(True)
+    g = proto.graph  # the LayerNorm output also feeds a residual Add: gamma cannot carry 1/s
+    g.node.append(helper.make_node("Add", ["ln", "x"], ["res"], name="residual"))
+    g.output.append(helper.make_tensor_value_info("res", FLOAT, ["N", 5, 64]))
+    model = Model.from_proto(proto)
+    stats = quant_aids.smooth_quant(model, PassContext(calibration=_smooth_data(True)), 0.5, ["mm"], [])
+    assert stats["smooth_mul_inserted"] == 1 and stats["smooth_folded_into_layernorm"] == 0
+    assert_parity(proto, model.to_proto(), _smooth_data(True, 1)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layernorm", [True, False])
+def test_quantize_int8_smoothquant_improves_cosine_with_outlier_channels(layernorm):
+    proto = _smooth_model(layernorm)
+    data = _smooth_data(layernorm)
+    x = np.concatenate([d["x"] for d in data])
+    ref = run_model(proto, {"x": x})[0]
+    cos = {}
+    for spec in ("quantize-int8", "quantize-int8:smoothquant=0.5"):
+        out, rec = _run_pass(proto, spec, calibration=data)
+        cos[spec] = _cosine(ref, run_model(out, {"x": x})[0])
+        onnx.checker.check_model(out, full_check=True)
+    assert rec.stats["matmuls_smoothed"] == 1
+    plain, smooth = cos.values()
+    assert 1 - smooth < 0.5 * (1 - plain), cos
+
+
+def test_quantize_int8_smoothquant_rejects_alpha_out_of_range():
+    with pytest.raises(Exception, match="alpha"):
+        Pipeline.from_specs(["quantize-int8:smoothquant=1.5"])
+
+
+def _fused_ops(proto, tmp_path):
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.slow
+def test_quantize_int8_equalize_on_trained_mobilenet_keeps_integer_kernels(tmp_path):
+    src, calib = MODELS / "mobilenetv2_digits.onnx", MODELS / "mobilenetv2_digits.calib.npz"
+    proto, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:equalize=true,bias_correction=true,"
+                                                                  "per_channel=false"], calibration=calib)
+    rec = report.passes[1]
+    assert rec.stats["pairs_equalized"] >= 10 and rec.stats["biases_corrected"] >= 10
+    assert report.parity.ok and all(o.cosine > 0.999 for o in report.parity.outputs)
+    onnx.checker.check_model(proto, full_check=True)
+    convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
+    fused = _fused_ops(proto, tmp_path)
+    assert fused.count("QLinearConv") == convs and "Conv" not in fused
+    data = np.load(MODELS / "mobilenetv2_digits.eval.npz")
+    logits = run_model(proto, {"image": data["image"]})[0]
+    assert (logits.argmax(1) == data["labels"]).mean() >= 0.98
+
+
+@pytest.mark.slow
+def test_equalize_trained_mobilenet_passes_exact_parity_gate():
+    src = MODELS / "mobilenetv2_digits.onnx"
+    proto, report = onnxslim_kit.optimize(src, passes=["cleanup", "equalize"],
+                                          calibration=MODELS / "mobilenetv2_digits.calib.npz")
+    rec = report.passes[1]
+    assert rec.stats["pairs_equalized"] >= 10
+    assert any("feeds Add" in reason for _, reason in rec.skipped)  # residual branches stay as they are
+    assert report.parity.ok
+    onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.slow
+def test_smoothquant_bert_is_exact_in_float_and_shares_one_scale_for_qkv():
+    from onnxslim_kit.calibration import input_specs, load_calibration
+
+    proto = onnx.load(MODELS / "bert_tiny.onnx")
+    data = list(load_calibration(MODELS / "bert_tiny.calib.npz", input_specs(proto)))
+    model = Model.from_proto(proto)
+    names = [n.name for n in model.nodes if n.op == "MatMul" and model.constant_value(n.inputs[1]) is not None]
+    skipped = []
+    stats = quant_aids.smooth_quant(model, PassContext(calibration=data), 0.5, names, skipped)
+    assert stats["matmuls_smoothed"] == len(names)
+    # Q, K, V (and the MLP up-projection) read LayerNorm outputs that also feed residual Adds: one Mul
+    # per shared input, fewer Muls than smoothed MatMuls
+    assert stats["smooth_mul_inserted"] + stats["smooth_folded_into_layernorm"] < stats["matmuls_smoothed"]
+    out = model.to_proto()
+    assert_parity(proto, out, data[0], atol=1e-4, rtol=1e-3)
+
+
+def test_quantize_int8_bias_correction_undone_for_layers_kept_in_float():
+    from builders import conv_bn_relu
+
+    biases = {}
+    for spec in ("quantize-int8:target_cosine=1.0", "quantize-int8:target_cosine=1.0,bias_correction=true"):
+        proto, report = onnxslim_kit.optimize(conv_bn_relu(), passes=["cleanup", spec], check="off")
+        rec = report.passes[1]
+        assert rec.stats["nodes_kept_float"] == 2  # unreachable target: every compute node stays float
+        w = _weights(proto)
+        biases[spec] = {n.name: w[n.input[2]] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")}
+        onnx.checker.check_model(proto, full_check=True)
+    assert rec.stats["biases_corrected"] == 2
+    plain, corrected = biases.values()
+    assert plain.keys() == corrected.keys() and len(plain) == 2
+    for name in plain:  # float layers must not carry a correction for rounding they never get
+        np.testing.assert_array_equal(corrected[name], plain[name])
+
+
+@pytest.mark.slow
+def test_quantize_int8_smoothquant_bert_keeps_integer_matmuls(tmp_path):
+    fused = {}
+    for spec in ("quantize-int8", "quantize-int8:smoothquant=0.5"):
+        proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx", passes=["cleanup", spec],
+                                              calibration=MODELS / "bert_tiny.calib.npz")
+        assert report.parity.ok and all(o.cosine >= 0.99 for o in report.parity.outputs)
+        onnx.checker.check_model(proto, full_check=True)
+        fused[spec] = _fused_ops(proto, tmp_path)
+    assert report.passes[1].stats["matmuls_smoothed"] >= 12
+    plain, smooth = fused.values()
+    # the inserted Muls run in float before the Q/DQ: every MatMul still becomes an integer kernel
+    assert smooth.count("QLinearMatMul") == plain.count("QLinearMatMul") >= 12
+    assert smooth.count("QGemm") == plain.count("QGemm")
