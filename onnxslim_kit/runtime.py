@@ -123,25 +123,39 @@ ORT_TYPE_TO_NUMPY = {
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_int8_dot_product() -> str | None:
-    """The int8 dot-product instruction set this CPU offers to onnxruntime's kernels, or None.
-
-    x86: AMX-INT8, AVX512-VNNI, AVX-VNNI; Arm: the dot-product extension (asimddp / i8mm)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (x86 'flags', Arm 'Features'); empty when unreadable."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     except OSError:
-        return None
-    flags = set()
+        return frozenset()
+    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() in ("flags", "features"):
             flags.update(value.split())
+    return frozenset(flags)
+
+
+def cpu_int8_dot_product() -> str | None:
+    """The int8 dot-product instruction set this CPU offers to onnxruntime's kernels, or None.
+
+    x86: AMX-INT8, AVX512-VNNI, AVX-VNNI; Arm: the dot-product extension (asimddp / i8mm)."""
+    flags = cpu_flags()
     for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
                        ("i8mm", "Arm I8MM"), ("asimddp", "Arm dot-product")):
         if flag in flags:
             return name
     return None
+
+
+def channel_block() -> int:
+    """Channels onnxruntime's CPU convolutions process as one block (MLAS NCHWc: 16 floats with AVX-512,
+    8 with AVX2/NEON). Channel counts that are not a multiple of it are padded up to one, so pruning
+    only saves time in whole blocks (measured: a digits CNN pruned 32 -> 24 channels ran 1.1x slower
+    on AVX-512, 32 -> 16 ran 0.58x)."""
+    return 16 if "avx512f" in cpu_flags() else 8
 
 
 def time_sessions(models: list, feed: dict, *, threads: int | None = 2, runs: int = 20, warmup: int = 3,

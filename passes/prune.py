@@ -250,7 +250,8 @@ class PruneChannels(Pass):
             then ranked across groups)
         reconstruct: refit the layers that read pruned channels by ridge least squares against the
             original model's outputs (auto: when real calibration data is given)
-        multiple: round every kept channel count up to a multiple of this (SIMD-friendly)
+        multiple: round every kept channel count up to a multiple of this (default: the channel block of
+            onnxruntime's CPU convolutions here, 16 with AVX-512, else 8: partial blocks save no time)
         protect: names of layers whose output channels are never pruned, '+'-separated
         layer_ratios: per-layer ratios NAME=RATIO, '+'-separated (scope=local; a joined group takes the
             smallest ratio of its layers); other layers use ``ratio``
@@ -267,7 +268,7 @@ class PruneChannels(Pass):
     def __init__(self, *, ratio: float = 0.3, target_macs: float | None = None,
                  criterion: Literal["l1", "l2", "bn", "random", "activation", "stability", "reconstruction"] = "l1",
                  scope: Literal["local", "global"] = "local",
-                 reconstruct: Literal["auto", "true", "false"] = "auto", multiple: int = 8,
+                 reconstruct: Literal["auto", "true", "false"] = "auto", multiple: int | None = None,
                  protect: list[str] | None = None, layer_ratios: list[str] | None = None,
                  damping: float | None = None, min_cosine: float = 0.9):
         if not 0.0 <= ratio < 1.0:
@@ -280,8 +281,11 @@ class PruneChannels(Pass):
             raise ValueError("scope must be local or global")
         if reconstruct not in ("auto", "true", "false"):
             raise ValueError("reconstruct must be auto, true or false")
-        if multiple < 1:
+        if multiple is not None and multiple < 1:
             raise ValueError("multiple must be >= 1")
+        from onnxslim_kit.runtime import channel_block
+
+        self._block = multiple or channel_block()
         self.ratio, self.target_macs, self.criterion, self.scope = ratio, target_macs, criterion, scope
         self.reconstruct, self.multiple = reconstruct, multiple
         self.protect = list(protect) if protect else []
@@ -309,8 +313,8 @@ class PruneChannels(Pass):
                 reason = g.reasons[0] + (f" (and {len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "")
             elif any(p.name in self.protect for p in g.producers):
                 reason = "protected by option"
-            elif g.channels <= self.multiple:
-                reason = f"has {g.channels} channels, not more than multiple={self.multiple}"
+            elif g.channels <= self._block:
+                reason = f"has {g.channels} channels, not more than multiple={self._block}"
             else:
                 out.append(g)
                 continue
@@ -319,7 +323,7 @@ class PruneChannels(Pass):
         return out
 
     def _keep_count(self, channels: int, remove: float) -> int:
-        keep = math.ceil(max(channels - remove, 1) / self.multiple) * self.multiple
+        keep = math.ceil(max(channels - remove, 1) / self._block) * self._block
         return int(min(max(keep, 1), channels))
 
     def _allocate(self, groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> dict[int, np.ndarray]:
@@ -412,7 +416,7 @@ class PruneChannels(Pass):
         if not kept:
             for g in groups:
                 skipped.append((g.label, f"ratio {ratio:g} removes no channel after rounding to multiple="
-                                         f"{self.multiple}"))
+                                         f"{self._block}"))
             return PassResult(model, False, stats, skipped, warnings)
         apply_plan(model, an, kept)
         stats["groups_pruned"] = len(kept)

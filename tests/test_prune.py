@@ -395,7 +395,7 @@ def test_prune_channels_real_models_valid_smaller_and_reconstruction_helps(name)
     src = onnx.load(str(MODELS / f"{name}.onnx"))
     results = {}
     for rc in ("false", "true"):
-        out, report = onnxslim_kit.optimize(src, passes=["cleanup", f"prune-channels:ratio=0.3,reconstruct={rc}"],
+        out, report = onnxslim_kit.optimize(src, passes=["cleanup", f"prune-channels:ratio=0.5,reconstruct={rc}"],
                                             calibration=fit, tolerance={"cosine": 0.0})
         onnx.checker.check_model(out, full_check=True)
         ref, cand = run_model(src, held), run_model(out, held)
@@ -410,10 +410,11 @@ def test_prune_channels_real_models_valid_smaller_and_reconstruction_helps(name)
 def test_prune_channels_digits_cnn_accuracy_drop_at_most_one_point():
     data = np.load(MODELS / "digits_cnn.eval.npz")
     src = onnx.load(str(MODELS / "digits_cnn.onnx"))
-    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "prune-channels:ratio=0.3"],
+    # 30% of the channels removed (multiple=1: no rounding to the CPU's channel block)
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "prune-channels:ratio=0.3,multiple=1"],
                                         calibration=str(MODELS / "digits_cnn.calib.npz"))
     acc = lambda m: float((run_model(m, {"image": data["image"]})[0].argmax(1) == data["labels"]).mean())  # noqa: E731
-    assert report.passes[-1].stats["channels_removed"] >= 32
+    assert report.passes[-1].stats["channels_removed"] >= 0.28 * report.passes[-1].stats["channels_before"]
     assert acc(src) - acc(out) <= 0.01
 
 
@@ -421,7 +422,7 @@ def test_prune_channels_digits_cnn_accuracy_drop_at_most_one_point():
 def test_prune_channels_constant_node_weights_at_opset_11_and_external_data(tmp_path):
     for name in ("paddle_style_opset11", "mobilenetv2_tiny_dynamo"):
         out_path = tmp_path / f"{name}.onnx"
-        _, report = onnxslim_kit.optimize(str(MODELS / f"{name}.onnx"), passes=["cleanup", "prune-channels:ratio=0.3"],
+        _, report = onnxslim_kit.optimize(str(MODELS / f"{name}.onnx"), passes=["cleanup", "prune-channels:ratio=0.5"],
                                           calibration=str(MODELS / f"{name.replace('_dynamo', '')}.calib.npz"),
                                           output=str(out_path), tolerance={"cosine": 0.9})
         assert report.passes[-1].stats["groups_pruned"] >= 2
@@ -538,7 +539,7 @@ def test_prune_channels_then_quantize_int8_runs_integer_kernels(tmp_path):
     from onnxslim_kit.metrics import model_stats
 
     src = MODELS / "mobilenetv2_tiny.onnx"
-    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "prune-channels:ratio=0.3", "quantize-int8"],
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "prune-channels:ratio=0.5", "quantize-int8"],
                                         calibration=MODELS / "mobilenetv2_tiny.calib.npz")
     assert report.parity.ok and [p.name for p in report.passes] == ["cleanup", "prune-channels", "quantize-int8"]
     assert report.passes[1].stats["channels_removed"] > 0 and report.passes[2].stats["nodes_quantized"] > 10
@@ -557,3 +558,14 @@ def test_prune_channels_layer_ratios_override_the_global_ratio():
     assert (w["conv0"].shape[0], w["conv1"].shape[0], w["conv2"].shape[0]) == (24, 16, 24)
     with pytest.raises((InputError, ValueError)):
         _prune(_wide_chain(), layer_ratios="conv1")
+
+
+def test_prune_channels_default_multiple_is_the_cpu_channel_block(monkeypatch):
+    from onnxslim_kit import runtime
+    from passes.prune import PruneChannels
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert runtime.channel_block() == 16 and PruneChannels()._block == 16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert PruneChannels()._block == 8
+    assert PruneChannels(multiple=4)._block == 4 and PruneChannels().multiple is None  # recipes stay portable

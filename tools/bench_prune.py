@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--criterion", default="l1")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for the latency runs")
     parser.add_argument("--weights", action="store_true", help="also the prune-weights table (size, parity)")
     args = parser.parse_args(argv)
     settings = {f"reconstruct={r}": f"prune-channels:ratio={args.ratio},criterion={args.criterion},reconstruct={r}"
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
                                              tolerance={"cosine": 0.0})
             paths[label] = out
         batch = {k: np.concatenate([f[k] for f in held_feeds]) for k in held_feeds[0]}  # compute, not call overhead
-        times = latencies(paths, batch, 2, args.runs, args.rounds)
+        times = latencies(paths, batch, args.threads, args.runs, args.rounds)
         t0 = statistics.median(times["original (cleanup)"])
         acc0 = accuracy(src, name)
         lines.append(f"| {name} | original (cleanup) | - | 1.000 | 1.000 | 1.000 | 1.00000 | 1.000 | "
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
                 f"{f'{acc:.4f}' if acc is not None else '-'} | {checked} |")
         print("\n".join(lines[-3:]), flush=True)
     text = (f"# prune-channels ratio={args.ratio} criterion={args.criterion}: reconstruction off vs on\n\n"
-            f"`python tools/bench_prune.py --ratio {args.ratio} --criterion {args.criterion}`\n\n" + "\n".join(lines) + "\n")
+            f"`python tools/bench_prune.py --ratio {args.ratio} --criterion {args.criterion} --threads {args.threads} "
+            f"--runs {args.runs} --rounds {args.rounds}{' --weights' if args.weights else ''}`\n\n" + "\n".join(lines) + "\n")
     if args.weights:
         text += "\n" + weights_table(args.models)
     (ROOT / "tools" / "results" / f"prune_{args.criterion}_{args.ratio}.md").write_text(text)
