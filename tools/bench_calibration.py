@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import cosines, latencies, outputs  # noqa: E402
+from bench_static_int8 import ort_static  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
 
@@ -38,29 +39,6 @@ def ours(src, out, calib, method):
     t0 = time.perf_counter()
     api.optimize(src, passes=["cleanup", f"quantize-int8:calibration={method}"], calibration=calib, output=out,
                  tolerance={"cosine": 0.0})
-    return time.perf_counter() - t0
-
-
-def ort_static(src, out, feeds, tmp, method):
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    t0 = time.perf_counter()
-    cwd = os.getcwd()
-    os.chdir(tmp)  # the reference leaves augmented models in the working directory
-    try:
-        quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, method))
-    finally:
-        os.chdir(cwd)
     return time.perf_counter() - t0
 
 
@@ -87,7 +65,7 @@ def main(argv=None) -> int:
         tmp = tempfile.mkdtemp(prefix=f"bench-calib-{name}-")
         paths, secs = {}, {}
         jobs = [(f"ours {m}", lambda o, m=m: ours(src, o, calib, m)) for m in METHODS]
-        jobs += [(f"ORT {m}", lambda o, m=m: ort_static(src, o, feeds, tmp, m)) for m in ("MinMax", "Entropy")]
+        jobs += [(f"ORT {m}", lambda o, m=m: ort_static(src, o, feeds, tmp, method=m, preprocess=False)) for m in ("MinMax", "Entropy")]
         opset = next(o.version for o in onnx.load(src, load_external_data=False).opset_import
                      if o.domain in ("", "ai.onnx"))
         if opset >= 21:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import outputs, size  # noqa: E402
+from bench_static_int8 import ort_static  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
 from onnxslim_kit.runtime import time_sessions  # noqa: E402
@@ -57,34 +58,6 @@ DEFAULT_MODELS = ["mobilenetv2_digits", "resnet_tiny", "bert_tiny"]
 def ours(src, spec, out, calib):
     t0 = time.perf_counter()
     api.optimize(src, passes=["cleanup", spec], calibration=calib, output=out, check="off")
-    return time.perf_counter() - t0
-
-
-def ort_static(src, out, feeds, tmp, per_channel):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    t0 = time.perf_counter()
-    pre = os.path.join(tmp, "pre.onnx")
-    cwd = os.getcwd()
-    os.chdir(tmp)  # quant_pre_process leaves files in the working directory when it fails (FIELD-NOTES 3)
-    try:
-        try:
-            quant_pre_process(src, pre)
-            model_in = pre
-        except Exception:  # noqa: BLE001 - the reference's own pre-processing fails on some models
-            model_in = src
-        quantize_static(model_in, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    finally:
-        os.chdir(cwd)
     return time.perf_counter() - t0
 
 
@@ -124,8 +97,8 @@ def main(argv=None) -> int:
         else:
             test_feeds = feeds
         tmp = tempfile.mkdtemp(prefix=f"bench-aids-{name}-")
-        jobs = {"ORT per-channel": lambda o: ort_static(src, o, feeds, tmp, True),
-                "ORT per-tensor": lambda o: ort_static(src, o, feeds, tmp, False)}
+        jobs = {"ORT per-channel": lambda o: ort_static(src, o, feeds, tmp, per_channel=True),
+                "ORT per-tensor": lambda o: ort_static(src, o, feeds, tmp, per_channel=False)}
         variants = TRANSFORMER_VARIANTS if name.startswith("bert") else CNN_VARIANTS
         for label, spec in variants.items():
             jobs[label] = lambda o, spec=spec: ours(src, spec, o, calib)

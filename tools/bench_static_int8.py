@@ -41,8 +41,12 @@ def ours(src, out, calib):
     return time.perf_counter() - t0
 
 
-def ort_static(src, out, feeds, tmp):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def ort_static(src, out, feeds, tmp, *, per_channel: bool = True, method: str = "MinMax",
+               preprocess: bool = True):
+    """onnxruntime's static QDQ recipe (U8S8), after quant_pre_process unless ``preprocess`` is false;
+    the one copy the quantization benchmarks share. Returns the tool's run time."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -57,13 +61,16 @@ def ort_static(src, out, feeds, tmp):
     cwd = os.getcwd()
     os.chdir(tmp)  # quant_pre_process leaves files in the working directory when it fails (FIELD-NOTES 3)
     try:
-        try:
-            quant_pre_process(src, pre)
-            model_in = pre
-        except Exception:  # noqa: BLE001 - the reference's own pre-processing fails on some models
-            model_in = src
-        quantize_static(model_in, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        model_in = src
+        if preprocess:
+            try:
+                quant_pre_process(src, pre)
+                model_in = pre
+            except Exception:  # noqa: BLE001 - the reference's own pre-processing fails on some models
+                pass
+        quantize_static(model_in, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
     finally:
         os.chdir(cwd)
     return time.perf_counter() - t0
