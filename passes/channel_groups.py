@@ -355,6 +355,9 @@ def analyze(model: Model) -> Analysis:
                 scales = None
                 for t in node.inputs[1:]:
                     v = model.constant_value(t) if t.name else None
+                    if t.name and v is None:
+                        refuse(f"{label} takes its scales or sizes at run time")
+                        break
                     if v is not None and v.size == space.rank and v.dtype != np.int64:
                         scales = v
                     if v is not None and v.size == space.rank and v.dtype == np.int64:  # sizes

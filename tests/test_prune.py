@@ -569,3 +569,18 @@ def test_prune_channels_default_multiple_is_the_cpu_channel_block(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
     assert PruneChannels()._block == 8
     assert PruneChannels(multiple=4)._block == 4 and PruneChannels().multiple is None  # recipes stay portable
+
+
+def test_prune_channels_resize_with_run_time_sizes_is_refused():
+    r = rng(18)
+    inits = [init("w1", _conv_w(r, 8, 3)), init("w2", _conv_w(r, 4, 8, k=1))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["z"], ["zs"], name="shape"),
+             helper.make_node("Resize", ["a", "", "", "zs"], ["up"], name="up", mode="nearest"),
+             helper.make_node("Conv", ["up", "w2"], ["y"], name="c2")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 3, 6, 6]), ("z", FLOAT, ["N", 8, 12, 12])], [("y", FLOAT, None)],
+                       inits)
+    calib = {"x": rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32),
+             "z": rng(2).standard_normal((2, 8, 12, 12)).astype(np.float32)}
+    _, report = _prune(proto, ratio=0.5, calibration=calib)
+    assert "scales or sizes at run time" in _skips(report)["conv"]
