@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from onnxslim_kit import api, ir, parity, pipeline, runtime  # noqa: E402
+from onnxslim_kit.errors import ParityError  # noqa: E402
 
 
 def _rss_mb() -> int:
@@ -64,8 +65,11 @@ def main(argv=None) -> int:
     threading.Thread(target=sample, daemon=True).start()
     out = os.path.join(os.path.dirname(os.path.abspath(args.model)), "prof_out.onnx")
     start = time.perf_counter()
+    outcome = "written"
     try:
         api.optimize(args.model, passes=args.passes, output=out, input_shapes=[f"x:1,8,{args.hidden}"])
+    except ParityError as exc:
+        outcome = f"not written: {exc}"
     finally:
         stage[0] = "after"
         time.sleep(0.1)
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
             if os.path.exists(name):
                 os.remove(name)
     weights = os.path.getsize(args.model + ".data") / 1e6 if os.path.exists(args.model + ".data") else 0
-    print(f"{time.perf_counter() - start:.1f} s; weights {weights:.0f} MB; peak RSS MB by stage:")
+    print(f"{time.perf_counter() - start:.1f} s ({outcome}); weights {weights:.0f} MB; peak RSS MB by stage:")
     for name, mb in peaks.items():
         print(f"  {name:18s} {mb:6d}" + (f"  ({mb / weights:.2f}x weights)" if weights else ""))
     return 0
