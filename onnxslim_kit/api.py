@@ -139,6 +139,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
         checker=(lambda m, tol: checker.check(m if streamed else m.to_proto(), tol)) if per_pass else None)
     final_tol = _tolerance(pipeline.tolerance, tolerance)
     written = False
+    after_bytes = None
     if streamed:
         result.release_pages()
         parity, out_proto = None, None
@@ -158,15 +159,18 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
                 pass
         elif checker is not None:
             parity = checker.check(result, final_tol)
-        if out_proto is None:
-            out_proto = result.to_proto()
+        if out_proto is None and (output is None or locate):
+            out_proto = result.to_proto()  # returned with its weights, or needed to locate a divergence
+        elif out_proto is None:  # parity failed: the proto only feeds the report's stats
+            out_proto = result.to_proto(weights=False)
+            after_bytes = result.weight_bytes()
     else:
         out_proto = result.to_proto()
         parity = checker.check(out_proto, final_tol) if checker is not None else None
     found = None
     if parity is not None and not parity.ok and locate:
         found = checker.locate(out_proto, final_tol)
-    after = model_stats(out_proto, shapes, file_bytes=disk_bytes(output) if written else None)
+    after = model_stats(out_proto, shapes, file_bytes=disk_bytes(output) if written else after_bytes)
     warnings = list(ctx.warnings)
     for rec in records:
         warnings.extend(rec.warnings)

@@ -381,7 +381,12 @@ class Model:
         return total
 
     def release_pages(self) -> None:
-        """Drop the resident pages of memory-mapped weights (see :func:`release_pages`)."""
+        """Drop the resident pages of memory-mapped weights (see :func:`release_pages`). Weights a
+        pass replaced are often only cyclic garbage (graphsurgeon nodes and tensors point at each
+        other): collecting it first unmaps them, which returns the pages they had read."""
+        import gc
+
+        gc.collect()
         release_pages(c._values for c in self.constants())
 
     def copy(self) -> "Model":

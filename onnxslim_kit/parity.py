@@ -330,16 +330,18 @@ def _as_proto(model: Any) -> onnx.ModelProto:
 def _session(model: Any, *, optimize: bool, threads: int | None):
     """A session for a proto, a saved model's path (onnxruntime reads its external data itself), or an
     ``ir.Model``: one loaded with external data is saved once to a temporary folder and the session is
-    built from that path (its weights are never serialized into one in-memory protobuf)."""
+    built from that path (its weights are never serialized into one in-memory protobuf). Parity
+    sessions run without onnxruntime's memory arena (freed tensors, e.g. dequantized weights, are
+    returned instead of kept)."""
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        return make_session(model, optimize=optimize, threads=threads)
+        return make_session(model, optimize=optimize, threads=threads, mem_arena=False)
     meta = getattr(model, "meta", None)
     if meta is not None and getattr(meta, "external_data", False):
         with tempfile.TemporaryDirectory(prefix="onnxslim-session-") as tmp:
             path = os.path.join(tmp, "model.onnx")
             model.save(path, external_data=True)
-            return make_session(path, optimize=optimize, threads=threads)
-    return make_session(_as_proto(model), optimize=optimize, threads=threads)
+            return make_session(path, optimize=optimize, threads=threads, mem_arena=False)
+    return make_session(_as_proto(model), optimize=optimize, threads=threads, mem_arena=False)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -364,7 +366,7 @@ class ParityChecker:
         self.threads = threads
         try:
             self._ref_session = make_session(self._reference_path or self._reference, optimize=False,
-                                             threads=threads)
+                                             threads=threads, mem_arena=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InputError(f"reference model does not load in onnxruntime ({_one_line(exc)})") from None
         self.output_names = [o.name for o in self._ref_session.get_outputs()]
@@ -465,8 +467,8 @@ class ParityChecker:
         ref_x = with_outputs(ref, names)
         cand_x = with_outputs(cand, names)
         try:
-            ref_sess = make_session(ref_x, optimize=False, threads=self.threads)
-            cand_sess = make_session(cand_x, optimize=True, threads=self.threads)
+            ref_sess = make_session(ref_x, optimize=False, threads=self.threads, mem_arena=False)
+            cand_sess = make_session(cand_x, optimize=True, threads=self.threads, mem_arena=False)
         except Exception as exc:  # noqa: BLE001
             # Some tensors cannot be graph outputs (e.g. non-tensor types); keep the typed ones only.
             logger.info("locate: exposing all shared tensors failed (%s); retrying with typed ones", exc)
@@ -474,9 +476,10 @@ class ParityChecker:
             names = [n for n in names if elem_type(ref_info, n) and elem_type(cand_info, n)]
             order = [(n, node) for n, node in order if n in set(names)]
             try:
-                ref_sess = make_session(with_outputs(ref, names, ref_info), optimize=False, threads=self.threads)
+                ref_sess = make_session(with_outputs(ref, names, ref_info), optimize=False,
+                                        threads=self.threads, mem_arena=False)
                 cand_sess = make_session(with_outputs(cand, names, cand_info), optimize=True,
-                                         threads=self.threads)
+                                         threads=self.threads, mem_arena=False)
             except Exception as exc2:  # noqa: BLE001
                 logger.warning("locate: cannot expose intermediate tensors (%s)", exc2)
                 return None

@@ -78,8 +78,12 @@ def model_bytes_estimate(model: onnx.ModelProto) -> int:
 
 
 def session_options(*, optimize: bool = True, threads: int | None = None,
-                    optimized_model_path: str | None = None) -> ort.SessionOptions:
+                    optimized_model_path: str | None = None, mem_arena: bool = True) -> ort.SessionOptions:
+    """``mem_arena=False``: tensors go back to the system when freed instead of staying in
+    onnxruntime's arena (checks that run a model a few times: a model whose DequantizeLinear outputs
+    are full float weights otherwise keeps all of them allocated, 1x the float weights)."""
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = mem_arena
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -93,9 +97,12 @@ def session_options(*, optimize: bool = True, threads: int | None = None,
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True,
-                 threads: int | None = None, optimized_model_path: str | None = None) -> ort.InferenceSession:
-    """Build a CPU session. Protos too big to serialize go through a temporary folder."""
-    opts = session_options(optimize=optimize, threads=threads, optimized_model_path=optimized_model_path)
+                 threads: int | None = None, optimized_model_path: str | None = None,
+                 mem_arena: bool = True) -> ort.InferenceSession:
+    """Build a CPU session. A path is handed to onnxruntime as is (it reads external data itself);
+    protos too big to serialize go through a temporary folder."""
+    opts = session_options(optimize=optimize, threads=threads, optimized_model_path=optimized_model_path,
+                           mem_arena=mem_arena)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), opts, providers=providers)

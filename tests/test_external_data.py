@@ -115,3 +115,19 @@ def test_optimize_external_data_parity_failure_writes_nothing(external_model, tm
                               tolerance={"cosine": 0.999999}, output=out_dir / "q.onnx")
     assert os.listdir(out_dir) == []  # neither the model, its data, nor the atomic-save folder
     assert _digest(path.parent) == before
+
+
+def test_ir_external_data_length_not_matching_shape_is_refused(external_model, tmp_path):
+    _, path = external_model
+    header = onnx.load_model(str(path), load_external_data=False)
+    tensor = next(t for t in header.graph.initializer if t.name == "l0.up")
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            entry.value = str(int(entry.value) - 4)  # one float short of its [128, 512] shape
+    with open(path, "wb") as fh:
+        fh.write(header.SerializeToString())
+    with pytest.raises(onnxslim_kit.errors.InputError, match="'l0.up' has 262140 bytes"):
+        Model.load(path)
+    with pytest.raises(onnxslim_kit.errors.InputError, match="l0.up"):  # CLI: exit 2, one line
+        onnxslim_kit.optimize(path, input_shapes=SHAPES, output=tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

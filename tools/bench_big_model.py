@@ -1,6 +1,7 @@
 """Peak memory and time of ``onnxslim-kit optimize`` on transformer-shaped models with external data.
 
-    python tools/bench_big_model.py /tmp/bigbench --gb 0.5 1 2.2 --passes cleanup quantize-weights svd
+    python tools/bench_big_model.py /tmp/bigbench --gb 0.5 1 2.2 --passes cleanup quantize-weights svd \
+        [--hidden 2048] [--tolerance cosine=0.95]
 
 For each size, builds OUT_DIR/<gb>/big.onnx(+.data) with tools/make_big_model.py (kept for reuse),
 then runs, one at a time, for each pass:
@@ -41,9 +42,9 @@ def build(folder: str, gb: float, hidden: int) -> int:
     return os.path.getsize(data)
 
 
-def run(model: str, out: str, spec: str, hidden: int) -> tuple[list[str], int, float, int, str]:
+def run(model: str, out: str, spec: str, hidden: int, extra: list[str]) -> tuple[list[str], int, float, int, str]:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "onnxslim_kit", "optimize", model, "-o", out, "-p", spec,
-           "--input-shape", f"x:1,8,{hidden}", "-q"]
+           "--input-shape", f"x:1,8,{hidden}", "-q", *extra]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     text = proc.stderr
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gb", type=float, nargs="+", default=[0.5, 1.0, 2.2])
     parser.add_argument("--passes", nargs="+", default=["cleanup", "quantize-weights", "svd"])
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--tolerance", action="append", default=[],
+                        help="KEY=VALUE passed to optimize --tolerance (random weights over many layers)")
     args = parser.parse_args(argv)
     rows = []
     print("| weights GiB | pass | exit | seconds | peak RSS GB | peak / weights | written |")
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
                       f"< {need / 1e9:.1f} GB | | | | |", flush=True)
                 continue
             out = os.path.join(folder, "out.onnx")
-            cmd, rc, seconds, rss, err = run(os.path.join(folder, "big.onnx"), out, spec, args.hidden)
+            extra = [a for t in args.tolerance for a in ("--tolerance", t)]
+            cmd, rc, seconds, rss, err = run(os.path.join(folder, "big.onnx"), out, spec, args.hidden, extra)
             written = sorted(f for f in os.listdir(folder) if f.startswith("out.onnx"))
             sizes = ", ".join(f"{f} {os.path.getsize(os.path.join(folder, f)) / 2**20:.1f} MiB" for f in written)
             print(f"| {weights / 2**30:.2f} | {spec} | {rc}{' ' + err if err else ''} | {seconds:.1f} | "
