@@ -191,15 +191,11 @@ class _State:
     source: str
     stats: dict[str, int]                  # baseline params, macs, bytes
     latency: bool
-    _proto: Any = None
 
     def proto(self) -> onnx.ModelProto:
-        if self._proto is None:
-            self._proto = onnx.ModelProto.FromString(self.baseline)
-        return self._proto
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_proto": None}
+        """A fresh baseline proto for each evaluation: nothing one evaluation does (a pass that
+        touches the proto it was loaded from) can leak into the next one."""
+        return onnx.ModelProto.FromString(self.baseline)
 
     def calibration(self) -> CalibrationData:
         feeds = self.feeds
@@ -235,9 +231,10 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
     name, options = parse_spec(technique)
     try:
         p = build_pass(name, {**options, "include": [layer]})
+        baseline = state.proto()
         ctx = PassContext(calibration=state.calibration(), calibration_is_random=state.is_random,
                           input_shapes=dict(state.input_shapes), seed=state.seed, reference=state.proto())
-        model, records = Pipeline([p]).run(Model.from_proto(state.proto(), source="<analyze>"), ctx)
+        model, records = Pipeline([p]).run(Model.from_proto(baseline, source="<analyze>"), ctx)
     except OnnxSlimError as exc:
         ev.status, ev.reason = "error", str(exc)
         ev.seconds = time.perf_counter() - start
