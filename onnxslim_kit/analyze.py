@@ -96,6 +96,7 @@ class Evaluation:
     bytes_saved: int = 0
     macs_saved_fraction: float = 0.0
     bytes_saved_fraction: float = 0.0
+    macs_unresolved: list[str] = field(default_factory=list)  # changed nodes whose MACs are unknown
     latency_ratio: float | None = None      # candidate / baseline median latency (latency=True)
     score: float | None = None              # damage per fraction saved (MACs, else bytes); lower is better
     seconds: float = 0.0
@@ -108,7 +109,7 @@ class Evaluation:
             "damage": _json_float(self.damage), "outputs": self.outputs, "macs_saved": self.macs_saved,
             "params_saved": self.params_saved, "bytes_saved": self.bytes_saved,
             "macs_saved_fraction": self.macs_saved_fraction, "bytes_saved_fraction": self.bytes_saved_fraction,
-            "latency_ratio": _json_float(self.latency_ratio), "score": _json_float(self.score),
+            "macs_unresolved": self.macs_unresolved, "latency_ratio": _json_float(self.latency_ratio), "score": _json_float(self.score),
             "seconds": round(self.seconds, 4), "cached": self.cached,
         }
 
@@ -121,6 +122,7 @@ class Evaluation:
                    bytes_saved=int(d.get("bytes_saved", 0)),
                    macs_saved_fraction=float(d.get("macs_saved_fraction", 0.0)),
                    bytes_saved_fraction=float(d.get("bytes_saved_fraction", 0.0)),
+                   macs_unresolved=list(d.get("macs_unresolved", [])),
                    latency_ratio=_num(d.get("latency_ratio")), score=_num(d.get("score")),
                    seconds=float(d.get("seconds", 0.0)))
 
@@ -190,6 +192,7 @@ class _State:
     is_random: bool
     source: str
     stats: dict[str, int]                  # baseline params, macs, bytes
+    unresolved: list[str]                  # baseline nodes whose MACs are unknown
     latency: bool
 
     def proto(self) -> onnx.ModelProto:
@@ -274,7 +277,10 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
     ev.snr_db = min(snrs) if snrs else None
     after = model_stats(proto, state.input_shapes or None)
     base = state.stats
-    ev.macs_saved = base["macs"] - after.macs
+    # A node whose MACs cannot be computed (e.g. a com.microsoft MatMulNBits that shape inference does
+    # not know) would count as "saved": then no MACs saving is claimed and the nodes are listed.
+    ev.macs_unresolved = [n for n in after.unresolved if n not in state.unresolved]
+    ev.macs_saved = 0 if ev.macs_unresolved else base["macs"] - after.macs
     ev.params_saved = base["params"] - after.params
     ev.bytes_saved = base["bytes"] - after.bytes
     ev.macs_saved_fraction = ev.macs_saved / base["macs"] if base["macs"] else 0.0
@@ -449,7 +455,8 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     state = _State(baseline=base_proto.SerializeToString(), feeds=feeds, reference=reference,
                    output_names=output_names, input_shapes=shapes, seed=seed, is_random=data.is_random,
                    source=data.source, stats={"params": base_stats.params, "macs": base_stats.macs,
-                                              "bytes": base_stats.bytes}, latency=latency)
+                                              "bytes": base_stats.bytes},
+                   unresolved=list(base_stats.unresolved), latency=latency)
 
     tasks = [(t, layer, op) for t in specs for layer, op in layers]
     results: dict[int, Evaluation] = {}

@@ -76,6 +76,8 @@ def test_analyze_outlier_layer_ranks_as_more_damaging():
     report = onnxslim_kit.analyze(proto, techniques=[QW], workers=1)
     fc2, fc3 = _by(report, QW, "fc2"), _by(report, QW, "fc3")
     assert fc2.damage > 10 * fc3.damage and fc2.bytes_saved > 0 and fc3.bytes_saved > 0
+    # weight-only int4 saves no MACs: MatMulNBits nodes whose MACs are unknown are listed, not "saved"
+    assert fc2.macs_saved == 0 and "fc2_nbits" in fc2.macs_unresolved
     ranked = [e.layer for e in report.ranked() if e.status == "ok"]
     assert ranked.index("fc3") < ranked.index("fc2")
     # The reported cosine is the one of the model that technique + include really produces.
