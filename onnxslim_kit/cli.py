@@ -1,4 +1,4 @@
-"""Command line: ``onnxslim-kit optimize | inspect | compare | bench | passes``.
+"""Command line: ``onnxslim-kit optimize | inspect | compare | bench | analyze | passes``.
 
 Exit codes: 0 ok, 2 bad input or usage, 3 parity failure (nothing written), 1 anything else.
 Errors are one line on stderr ("error: ..."), never a traceback (``--debug`` shows it).
@@ -23,6 +23,7 @@ Examples:
   onnxslim-kit optimize model.onnx -o q.onnx -p cleanup -p quantize-dynamic --calib calib.npz
   onnxslim-kit inspect model.onnx --input-shape input_ids:1,128
   onnxslim-kit bench model.onnx slim.onnx --runs 50
+  onnxslim-kit analyze model.onnx --calib calib.npz --json sensitivity.json --cache sensitivity.jsonl
 """
 
 
