@@ -21,7 +21,10 @@ recorded as ``error`` with its one-line message.
 Evaluations are independent: ``workers > 1`` runs them in a ``ProcessPoolExecutor`` (spawn context;
 each worker gets the baseline model, the calibration feeds and the reference outputs once, and builds
 its own onnxruntime sessions with 1 intra-op thread); ``workers=1`` runs them inline, also with
-1-thread sessions, so both give the same numbers.
+1-thread sessions, so both give the same numbers. As with every spawn-based pool, a script that
+calls ``analyze(..., workers > 1)`` must do so under ``if __name__ == "__main__":`` (the workers import
+the script; without the guard each worker stops with an error saying so, and the caller can hang:
+seen with Python 3.11, not fixed here). The CLI needs nothing.
 
 Resumability: with ``cache=PATH`` every finished evaluation is appended to a JSON-lines file, keyed by
 (model fingerprint, technique spec, layer, calibration identity, latency on/off). A rerun reuses every
@@ -414,6 +417,10 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
         workers = max(1, min(os.cpu_count() or 1, 8))
     if workers < 1:
         raise InputError(f"--workers {workers}: expected at least 1")
+    if workers > 1 and getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A spawned worker is importing the caller's script, which calls analyze at import time:
+        # stop here (the parent then reports a broken pool) instead of starting a pool in the worker.
+        raise InputError("analyze with workers > 1 must be called under `if __name__ == '__main__':`")
     store = _Cache(cache)
     label, original, _ = _load(model)
     if model_bytes_estimate(original) >= PROTO_LIMIT:
@@ -487,18 +494,28 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
         mp = multiprocessing.get_context("spawn")
         pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp,
                                                       initializer=_init_worker, initargs=(state,))
+        finished = False
         try:
             futures = [pool.submit(_worker_evaluate, i, t, layer, op) for i, t, layer, op, _, _ in todo]
             for fut in concurrent.futures.as_completed(futures):
-                i, entry = fut.result()
+                try:
+                    i, entry = fut.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    raise InputError(
+                        "analyze: a worker process died or failed to start (a script that calls analyze "
+                        "with workers > 1 must do so under `if __name__ == '__main__':`); finished "
+                        "evaluations are in the cache; rerun, or use workers=1") from None
                 entry.pop("cached")
                 key, fields = by_index[i]
                 store.put(key, fields, entry)
                 ev = Evaluation.from_dict(entry)
                 results[i] = ev
                 yield ev
+            finished = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # On an error or an interruption, do not wait: a pool that could not start its workers
+            # (e.g. analyze called while a spawned child imports the caller's script) would never end.
+            pool.shutdown(wait=finished, cancel_futures=True)
 
     stream: Iterable[Evaluation] = _Sized(run_all(), len(todo))
     if progress is not None and todo:
