@@ -8,6 +8,7 @@ Python API (mirrors the CLI)::
 
 __version__ = "0.1.0"
 
+from .analyze import analyze  # noqa: E402
 from .api import compare, inspect, optimize  # noqa: E402
 
-__all__ = ["optimize", "inspect", "compare", "__version__"]
+__all__ = ["optimize", "inspect", "compare", "analyze", "__version__"]

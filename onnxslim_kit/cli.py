@@ -1,4 +1,4 @@
-"""Command line: ``onnxslim-kit optimize | inspect | compare | bench | passes``.
+"""Command line: ``onnxslim-kit optimize | inspect | compare | bench | analyze | passes``.
 
 Exit codes: 0 ok, 2 bad input or usage, 3 parity failure (nothing written), 1 anything else.
 Errors are one line on stderr ("error: ..."), never a traceback (``--debug`` shows it).
@@ -23,6 +23,7 @@ Examples:
   onnxslim-kit optimize model.onnx -o q.onnx -p cleanup -p quantize-dynamic --calib calib.npz
   onnxslim-kit inspect model.onnx --input-shape input_ids:1,128
   onnxslim-kit bench model.onnx slim.onnx --runs 50
+  onnxslim-kit analyze model.onnx --calib calib.npz --json sensitivity.json --cache sensitivity.jsonl
 """
 
 
@@ -242,6 +243,51 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
         rows.append([m, f"{med * 1e3:.3f}", f"{p90 * 1e3:.3f}", f"{med / base:.3f}x"])
     click.echo(table(["model", "median ms", "p90 ms", "vs first"], rows))
     click.echo(f"{threads} thread(s), {rounds} round(s) x {runs} runs, interleaved")
+
+
+@main.command("analyze")
+@click.argument("model", type=click.Path())
+@_calib_option
+@click.option("-t", "--technique", "techniques", multiple=True, metavar="PASS[:key=value,...]",
+              help="A technique to try on each layer alone (repeatable): a pass spec whose pass has an "
+                   "'include' option, which analyze sets to one layer at a time. Default: quantize-int8, "
+                   "quantize-weights:bits=4, prune-channels:ratio=0.5, svd:energy=0.9.")
+@click.option("-j", "--workers", type=int, default=None,
+              help="Worker processes (each with 1-thread onnxruntime sessions). Default: the CPU count; "
+                   "1 runs everything in this process.")
+@click.option("--json", "json_path", type=click.Path(), default=None,
+              help="Write the full analysis (every evaluation, per-output metrics, skip reasons) as JSON.")
+@click.option("--cache", type=click.Path(), default=None,
+              help="JSON-lines cache: finished evaluations are appended as they finish, and a rerun with "
+                   "the same model, calibration data and techniques reuses them (resumes an interrupted run).")
+@click.option("--latency", is_flag=True,
+              help="Also time each changed model against the baseline (1 thread, interleaved; slow and noisy).")
+@_input_shape_option
+@click.option("--seed", default=0, show_default=True, help="Seed for random calibration data and passes.")
+@click.option("--samples", default=8, show_default=True, help="Number of random samples when no --calib is given.")
+@click.option("--top", type=int, default=None, help="Show only the first N rows of the table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (use with --json).")
+@click.pass_context
+def analyze(ctx, model, calib, techniques, workers, json_path, cache, latency, input_shapes, seed, samples, top,
+            quiet):
+    """Per-layer sensitivity: apply each technique to one layer at a time and measure the damage.
+
+    Every evaluation runs cleanup plus one technique restricted to one layer (Conv, ConvTranspose,
+    MatMul, Gemm), compares the outputs with the original model's on the calibration data (cosine,
+    SNR) and counts the MACs, parameters and bytes it saves. The table is sorted by damage per
+    fraction saved (best trade first); layers a technique does not touch are listed with its reason.
+    """
+    from .analyze import analyze as run
+    from .report import render_analysis
+
+    ctx.obj.update(quiet=quiet)
+    report = run(model, calib, techniques=list(techniques) or None, workers=workers, cache=cache,
+                 latency=latency, input_shapes=list(input_shapes), seed=seed, num_samples=samples,
+                 progress=_progress_factory(quiet))
+    if json_path:
+        report.to_json(json_path)
+    if not quiet:
+        click.echo(render_analysis(report, top=top))
 
 
 @main.command("passes")

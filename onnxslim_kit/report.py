@@ -190,3 +190,37 @@ def render(report: Report, *, max_skips: int = 5) -> str:
     status = "written to " + report.output if report.written else ("not written" if report.output else "")
     parts.append(f"{'OK' if report.ok else 'PARITY FAILED'} in {report.seconds:.2f}s" + (f"; {status}" if status else ""))
     return "\n\n".join(parts)
+
+
+def render_analysis(report, *, top: int | None = None) -> str:
+    """Per-layer sensitivity table, best trade first (damage per fraction saved), then skipped rows."""
+    rows, skipped = [], []
+    for e in report.ranked():
+        if e.status != "ok":
+            skipped.append(f"  {e.technique} {e.layer}: {e.status}: {e.reason}")
+            continue
+        row = [e.technique, e.layer, e.op, e.damage, e.cosine, e.snr_db, f"{100 * e.macs_saved_fraction:.1f}%",
+               human_count(e.params_saved), human_bytes(e.bytes_saved), e.score]
+        if report.latency:
+            row.insert(9, e.latency_ratio)
+        rows.append(row)
+    shown = rows[:top] if top else rows
+    headers = ["technique", "layer", "op", "damage", "cosine", "snr dB", "MACs saved", "params saved",
+               "bytes saved", "damage/saved"]
+    if report.latency:
+        headers.insert(9, "latency x")
+    lines = [f"{report.source}: {len(report.evaluations)} evaluation(s) ({report.computed} computed, "
+             f"{report.reused} from the cache) on {report.calibration_source}, {report.workers} worker(s), "
+             f"{report.seconds:.1f}s",
+             "damage = 1 - min cosine over the outputs vs the original; damage/saved = damage per fraction of "
+             "the baseline's MACs saved (bytes where no MACs are saved); lower is a better trade", ""]
+    lines.append(table(headers, shown) if shown else "(no layer was changed by any technique)")
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more row(s) (see --json)")
+    if skipped:
+        lines.append("")
+        lines.append(f"not evaluated ({len(skipped)}):")
+        lines.extend(skipped)
+    for w in report.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

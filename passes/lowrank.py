@@ -144,6 +144,7 @@ class LowRankSVD(Pass):
         min_saving: apply only when the factors save at least this fraction of the layer's MACs
         exclude: node names to leave alone, '+'-separated
         damping: relative ridge damping of the Gram matrix
+        include: only these node names are factored, '+'-separated (unknown names are refused)
         min_cosine: parity bound this pass promises on the final outputs
     """
 
@@ -155,7 +156,8 @@ class LowRankSVD(Pass):
                  budget: float | None = None, rank_by: Literal["auto", "weights", "outputs"] = "auto",
                  whiten: Literal["auto", "true", "false"] = "auto",
                  refit: bool = False, multiple: int = 8, min_size: int = 4096, min_saving: float = 0.25,
-                 exclude: list[str] | None = None, damping: float = 1e-4, min_cosine: float = 0.95):
+                 exclude: list[str] | None = None, damping: float = 1e-4, min_cosine: float = 0.95,
+                 include: list[str] | None = None):
         if not 0.0 < rank_ratio <= 1.0:
             raise ValueError("rank_ratio must be in (0, 1]")
         if energy is not None and not 0.0 < energy <= 1.0:
@@ -176,6 +178,7 @@ class LowRankSVD(Pass):
         self.rank_by, self.whiten, self.refit = rank_by, whiten, refit
         self.multiple, self.min_size, self.min_saving = multiple, min_size, min_saving
         self.exclude = list(exclude) if exclude else []
+        self.include = list(include) if include else None
         self.damping, self.min_cosine = damping, min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
@@ -241,6 +244,11 @@ class LowRankSVD(Pass):
         return ranks, before, current
 
     # -- the pass -----------------------------------------------------------------------------------
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
+        if missing:
+            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         warnings: list[str] = []
@@ -308,6 +316,9 @@ class LowRankSVD(Pass):
             label = node.name or f"<{node.op}>"
             if node.name in self.exclude:
                 skipped.append((label, "excluded by option"))
+                continue
+            if self.include is not None and node.name not in self.include:
+                skipped.append((label, "not in include"))
                 continue
             cand = self._match(model, node, label, skipped)
             if cand is None:

@@ -258,6 +258,8 @@ class PruneChannels(Pass):
         damping: relative ridge damping of the reconstruction (default: chosen per layer by 2-fold
             cross-validation over the calibration batches; a layer whose refit does not generalise is kept)
         min_cosine: parity bound this pass promises on the final outputs
+        include: only groups whose producing layers include one of these node names are pruned,
+            '+'-separated (unknown names are refused)
     """
 
     name = "prune-channels"
@@ -270,7 +272,7 @@ class PruneChannels(Pass):
                  scope: Literal["local", "global"] = "local",
                  reconstruct: Literal["auto", "true", "false"] = "auto", multiple: int | None = None,
                  protect: list[str] | None = None, layer_ratios: list[str] | None = None,
-                 damping: float | None = None, min_cosine: float = 0.9):
+                 damping: float | None = None, min_cosine: float = 0.9, include: list[str] | None = None):
         if not 0.0 <= ratio < 1.0:
             raise ValueError("ratio must be in [0, 1)")
         if target_macs is not None and not 0.0 < target_macs <= 1.0:
@@ -289,6 +291,7 @@ class PruneChannels(Pass):
         self.ratio, self.target_macs, self.criterion, self.scope = ratio, target_macs, criterion, scope
         self.reconstruct, self.multiple = reconstruct, multiple
         self.protect = list(protect) if protect else []
+        self.include = list(include) if include else None
         self.layer_ratios = list(layer_ratios) if layer_ratios else []
         self._per_layer: dict[str, float] = {}
         for item in self.layer_ratios:
@@ -313,6 +316,8 @@ class PruneChannels(Pass):
                 reason = g.reasons[0] + (f" (and {len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "")
             elif any(p.name in self.protect for p in g.producers):
                 reason = "protected by option"
+            elif self.include is not None and not any(p.name in self.include for p in g.producers):
+                reason = "not in include"
             elif g.channels <= self._block:
                 reason = f"has {g.channels} channels, not more than multiple={self._block}"
             else:
@@ -380,6 +385,11 @@ class PruneChannels(Pass):
         return hi
 
     # -- run ---------------------------------------------------------------------------------------
+    def requires(self, model: Model, ctx: PassContext) -> None:
+        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
+        if missing:
+            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         warnings: list[str] = []

@@ -362,3 +362,23 @@ def test_svd_left_matmul_on_a_vector_and_constant_only_matmul():
     assert rec.stats["layers_factored"] == 1
     assert rec.skipped == [("consts", "both inputs are constant (fold them with cleanup)")]
     assert_parity(proto, out, calib[0], atol=1e-4, rtol=1e-4)
+
+
+def test_svd_include_factors_only_the_named_layers():
+    proto = _mlp()
+    out, report = onnxslim_kit.optimize(proto, passes=["svd:rank_ratio=0.25,whiten=false,include=fc2"],
+                                        tolerance={"cosine": 0.0})
+    rec = report.passes[0]
+    assert rec.stats["layers_factored"] == 1
+    assert ("fc1", "not in include") in rec.skipped
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("MatMul") == 3 and ops.count("Gemm") == 1  # fc1 and tiny as before; fc2 factored
+    assert "fc1" in [n.name for n in out.graph.node]
+    onnx.checker.check_model(out, full_check=True)
+    x = rng(3).standard_normal((5, 128)).astype(np.float32)
+    ref, got = run_model(proto, {"x": x}), run_model(out, {"x": x})
+    np.testing.assert_array_equal(got[1], ref[1])  # 'tiny' untouched
+    cos = float(np.dot(ref[0].ravel(), got[0].ravel()) / np.linalg.norm(ref[0]) / np.linalg.norm(got[0]))
+    assert cos > 0.3  # rank 32 of 128 on random weights: lossy but the same function family
+    with pytest.raises(InputError, match="include: no node named 'nope'"):
+        onnxslim_kit.optimize(proto, passes=["svd:include=nope"])

@@ -584,3 +584,21 @@ def test_prune_channels_resize_with_run_time_sizes_is_refused():
              "z": rng(2).standard_normal((2, 8, 12, 12)).astype(np.float32)}
     _, report = _prune(proto, ratio=0.5, calibration=calib)
     assert "scales or sizes at run time" in _skips(report)["conv"]
+
+
+def test_prune_channels_include_prunes_only_groups_of_the_named_layers():
+    from builders import mlp_blocks
+
+    proto = mlp_blocks(layers=2, hidden=16, opset=17)
+    out, report = _prune(proto, ratio=0.25, include="up1", tolerance={"cosine": 0.5})
+    w = _weights(out)
+    assert w["up1"].shape == (16, 48) and w["down1"].shape == (48, 16)
+    assert w["up0"].shape == (16, 64) and w["down0"].shape == (64, 16)  # group of up0 left alone
+    assert "not in include" in _skips(report)["up0"]
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": rng(6).standard_normal((2, 5, 16)).astype(np.float32)}
+    ref, got = run_model(proto, feeds)[0], run_model(out, feeds)[0]
+    assert got.shape == ref.shape
+    assert float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.9
+    with pytest.raises(InputError, match="include: no node named 'nope'"):
+        _prune(proto, include="nope")
