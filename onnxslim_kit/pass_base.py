@@ -121,6 +121,16 @@ class PassContext:
         return self.progress(iterable, label) if self.progress else iterable
 
 
+def require_nodes(model: Model, names: Iterable[str] | None, option: str = "include") -> None:
+    """Refuse, with one line, an option that names nodes the model does not have (a typo would otherwise
+    make the pass silently do nothing)."""
+    from .errors import InputError
+
+    missing = [n for n in names or [] if model.node_by_name(n) is None]
+    if missing:
+        raise InputError(f"{option}: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
+
+
 class Pass(abc.ABC):
     """Base class. Subclasses set ``name``, ``summary``, optionally ``needs``/``tolerance``, take their
     options as keyword-only typed ``__init__`` parameters, and implement :meth:`run`."""

@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model
-from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance, require_nodes
 from onnxslim_kit.registry import register_pass
 
 from .reconstruct import as_rows, gram_cholesky, ridge_solve, stream_activations
@@ -245,9 +245,7 @@ class LowRankSVD(Pass):
 
     # -- the pass -----------------------------------------------------------------------------------
     def requires(self, model: Model, ctx: PassContext) -> None:
-        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
-        if missing:
-            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
+        require_nodes(model, self.include)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model
-from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance, require_nodes
 from onnxslim_kit.registry import register_pass
 
 from .channel_groups import Analysis, Group, Space, analyze, channel_values, kept_indices
@@ -386,9 +386,7 @@ class PruneChannels(Pass):
 
     # -- run ---------------------------------------------------------------------------------------
     def requires(self, model: Model, ctx: PassContext) -> None:
-        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
-        if missing:
-            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
+        require_nodes(model, self.include)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []

@@ -23,7 +23,7 @@ from onnx import TensorProto
 
 from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model, tensor_from_array
-from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance
+from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance, require_nodes
 from onnxslim_kit.registry import register_pass
 from onnxslim_kit.shapes import elem_type, with_outputs
 from passes import quant_aids
@@ -405,9 +405,7 @@ class QuantizeWeights(Pass):
         refuse_quantized(model)
         if self.gptq and ctx.calibration is None:
             raise InputError("gptq=true needs calibration data (--calib)")
-        missing = [n for n in self.include or [] if model.node_by_name(n) is None]
-        if missing:
-            raise InputError(f"include: no node named {', '.join(repr(n) for n in missing[:5])} in the model")
+        require_nodes(model, self.include)
 
     def _resolve_format(self, opset: int) -> str:
         if self.format == "dq" or (self.format == "auto" and opset >= _DQ_MIN_OPSET[self.bits]):
