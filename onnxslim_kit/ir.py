@@ -384,6 +384,8 @@ class Model:
         """Drop the resident pages of memory-mapped weights (see :func:`release_pages`). Weights a
         pass replaced are often only cyclic garbage (graphsurgeon nodes and tensors point at each
         other): collecting it first unmaps them, which returns the pages they had read."""
+        if not self.meta.external_data:  # nothing is memory-mapped: skip the (slow) full collection
+            return
         import gc
 
         gc.collect()
