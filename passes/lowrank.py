@@ -36,7 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_kit.errors import InputError
-from onnxslim_kit.ir import Model
+from onnxslim_kit.ir import Model, release_pages
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance, require_nodes
 from onnxslim_kit.registry import register_pass
 
@@ -276,6 +276,8 @@ class LowRankSVD(Pass):
                 warnings.append(f"svd: budget={self.budget} not reached: {after / max(before, 1):.3f} of the "
                                 f"candidates' parameters at the smallest ranks that save MACs")
         for i, c in enumerate(cands):
+            if i:  # memory-mapped weights: the previous one's pages leave memory (peak ~ one weight + factors)
+                release_pages([cands[i - 1].weight])
             k, n = c.weight.shape
             if budget_ranks is not None:
                 if i not in budget_ranks:
@@ -301,6 +303,8 @@ class LowRankSVD(Pass):
             stats["layers_factored"] += 1
             stats["params_before"] += k * n
             stats["params_after"] += r * (k + n)
+        if cands:
+            release_pages([cands[-1].weight])
         stats["candidate_params_after"] = (stats["candidate_params_before"] - stats["params_before"]
                                            + stats["params_after"])
         model.invalidate()
