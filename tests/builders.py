@@ -140,3 +140,14 @@ def save_external(proto: onnx.ModelProto, path, *, location: str | None = None) 
     copy = onnx.ModelProto.FromString(proto.SerializeToString())
     onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=location or os.path.basename(str(path)) + ".data", size_threshold=1024)
+
+
+def fused_ops(proto: onnx.ModelProto, tmp_path) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (its optimized model, all fusions on): how tests
+    check that quantized layers became integer kernels rather than DQ -> float op."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxslim_kit
-from builders import FLOAT, assert_parity, init, make_model, rng, run_model
+from builders import FLOAT, assert_parity, fused_ops, init, make_model, rng, run_model
 from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model
 from passes.channel_groups import analyze
@@ -534,8 +534,6 @@ def test_prune_weights_global_scope_and_skip_reasons():
 
 @pytest.mark.slow
 def test_prune_channels_then_quantize_int8_runs_integer_kernels(tmp_path):
-    import onnxruntime as ort
-
     from onnxslim_kit.metrics import model_stats
 
     src = MODELS / "mobilenetv2_tiny.onnx"
@@ -545,10 +543,7 @@ def test_prune_channels_then_quantize_int8_runs_integer_kernels(tmp_path):
     assert report.passes[1].stats["channels_removed"] > 0 and report.passes[2].stats["nodes_quantized"] > 10
     onnx.checker.check_model(out, full_check=True)
     assert model_stats(out).macs < 0.8 * model_stats(onnx.load(str(src))).macs
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(out.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    fused = fused_ops(out, tmp_path)
     assert "Conv" not in fused and fused.count("QLinearConv") == sum(n.op_type == "Conv" for n in out.graph.node)
 
 

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
 import onnxslim_kit
-from builders import FLOAT, assert_parity, init, make_model, rng, run_model
+from builders import FLOAT, assert_parity, fused_ops, init, make_model, rng, run_model
 from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import PassContext
 from onnxslim_kit.pipeline import Pipeline
@@ -243,13 +242,6 @@ def test_quantize_int8_smoothquant_rejects_alpha_out_of_range():
         Pipeline.from_specs(["quantize-int8:smoothquant=1.5"])
 
 
-def _fused_ops(proto, tmp_path):
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-
-
 @pytest.mark.slow
 def test_quantize_int8_equalize_on_trained_mobilenet_keeps_integer_kernels(tmp_path):
     src, calib = MODELS / "mobilenetv2_digits.onnx", MODELS / "mobilenetv2_digits.calib.npz"
@@ -260,7 +252,7 @@ def test_quantize_int8_equalize_on_trained_mobilenet_keeps_integer_kernels(tmp_p
     assert report.parity.ok and all(o.cosine > 0.999 for o in report.parity.outputs)
     onnx.checker.check_model(proto, full_check=True)
     convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
-    fused = _fused_ops(proto, tmp_path)
+    fused = fused_ops(proto, tmp_path)
     assert fused.count("QLinearConv") == convs and "Conv" not in fused
     data = np.load(MODELS / "mobilenetv2_digits.eval.npz")
     logits = run_model(proto, {"image": data["image"]})[0]
@@ -323,7 +315,7 @@ def test_quantize_int8_smoothquant_bert_keeps_integer_matmuls(tmp_path):
                                               calibration=MODELS / "bert_tiny.calib.npz")
         assert report.parity.ok and all(o.cosine >= 0.99 for o in report.parity.outputs)
         onnx.checker.check_model(proto, full_check=True)
-        fused[spec] = _fused_ops(proto, tmp_path)
+        fused[spec] = fused_ops(proto, tmp_path)
     assert report.passes[1].stats["matmuls_smoothed"] >= 12
     plain, smooth = fused.values()
     # the inserted Muls run in float before the Q/DQ: every MatMul still becomes an integer kernel

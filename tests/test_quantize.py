@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from builders import FLOAT, init, make_model, rng, run_model
+from builders import FLOAT, fused_ops, init, make_model, rng, run_model
 from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import PassContext
@@ -245,13 +245,6 @@ import onnxslim_kit  # noqa: E402
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-def _fused_ops(proto, tmp_path):
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name, min_cos", [("resnet_tiny", 0.999), ("mobilenetv2_tiny", 0.999),
                                            ("digits_cnn", 0.999), ("det_head_tiny", 0.999)])
@@ -263,7 +256,7 @@ def test_quantize_int8_cnn_becomes_integer_kernels(tmp_path, name, min_cos):
     assert rec.stats["int8_mac_share"] > 0.95 and rec.stats["cpu_int8_dot_product"] in (0, 1)
     assert report.parity.ok and all(o.cosine > min_cos for o in report.parity.outputs)
     onnx.checker.check_model(proto, full_check=True)
-    fused = _fused_ops(proto, tmp_path)
+    fused = fused_ops(proto, tmp_path)
     assert any(t.data_type == onnx.TensorProto.INT32 for t in proto.graph.initializer)  # int32 biases
     convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
     # every quantized Conv runs as QLinearConv: no DQ -> float Conv left
@@ -275,7 +268,7 @@ def test_quantize_int8_bert_matmuls_become_qlinearmatmul(tmp_path):
     proto, report = onnxslim_kit.optimize(MODELS / "bert_tiny.onnx", passes=["cleanup", "quantize-int8"],
                                           calibration=MODELS / "bert_tiny.calib.npz")
     assert all(o.cosine >= 0.99 for o in report.parity.outputs)  # the bar for static int8 on BERT
-    fused = _fused_ops(proto, tmp_path)
+    fused = fused_ops(proto, tmp_path)
     weight_matmuls = report.passes[1].stats["nodes_quantized"]
     assert fused.count("QLinearMatMul") + fused.count("MatMulIntegerToFloat") + fused.count("QGemm") >= weight_matmuls - 1
     assert ("/MatMul", "weight is not a constant float32 tensor") in report.passes[1].skipped or \
@@ -480,7 +473,7 @@ def test_quantize_int8_int16_activations_are_more_accurate_and_run_unfused(tmp_p
     assert "Relu" in [n.op_type for n in a16.graph.node]  # symmetric int16 does not clamp at zero
     # int8 weight rounding stays, the activation rounding (2^8 times finer) all but goes
     assert _max_error(src, a16) < 0.8 * _max_error(src, a8)
-    fused = _fused_ops(a16, tmp_path)
+    fused = fused_ops(a16, tmp_path)
     # onnxruntime 1.32 (CPU) has no int16 QLinearConv/QGemm: it runs DQ -> float Conv/Gemm -> Q
     assert "Conv" in fused and "Gemm" in fused and "QLinearConv" not in fused
 
@@ -492,7 +485,7 @@ def test_quantize_int8_int16_nodes_widen_only_those_layers(tmp_path):
     assert report.parity.ok and report.passes[1].stats["nodes_quantized"] == 2
     assert _zero_point_types(out, "x") == {"INT16"} and _zero_point_types(out, "conv_out") == {"INT16"}
     assert _zero_point_types(out, "flat") == {"UINT8"}
-    fused = _fused_ops(out, tmp_path)
+    fused = fused_ops(out, tmp_path)
     assert "QGemm" in fused and "Conv" in fused  # the uint8 layer still fuses, the int16 one runs in float
 
 
@@ -507,12 +500,12 @@ def test_quantize_int8_exclude_op_types_and_include_select_nodes(tmp_path):
     out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:exclude_op_types=Gemm"])
     onnx.checker.check_model(out, full_check=True)
     assert ("fc", "op type Gemm excluded by option") in report.passes[1].skipped and report.parity.ok
-    fused = _fused_ops(out, tmp_path)
+    fused = fused_ops(out, tmp_path)
     assert "QLinearConv" in fused and "Gemm" in fused and "QGemm" not in fused
     out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:include=fc"])
     onnx.checker.check_model(out, full_check=True)
     assert ("conv", "not in include") in report.passes[1].skipped and report.parity.ok
-    fused = _fused_ops(out, tmp_path)
+    fused = fused_ops(out, tmp_path)
     assert "QGemm" in fused and "Conv" in fused and "QLinearConv" not in fused
     with pytest.raises(InputError, match="^quantize-int8: include: no node named 'nope'"):
         onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:include=nope"])
