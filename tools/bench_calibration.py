@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import cosines, latencies, outputs  # noqa: E402
-from bench_static_int8 import ort_static  # noqa: E402
+from bench_static_int8 import eval_set, ort_static  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
 
@@ -55,13 +55,7 @@ def main(argv=None) -> int:
         calib = str(ROOT / "models" / f"{name.split('_opset')[0]}.calib.npz")
         specs = input_specs(onnx.load(src))
         feeds = list(load_calibration(calib, specs))
-        eval_path = ROOT / "models" / f"{name}.eval.npz"
-        labels = None
-        eval_feeds = feeds
-        if eval_path.exists():
-            data = np.load(eval_path)
-            labels = data["labels"]
-            eval_feeds = [{k: data[k] for k in data.files if k != "labels"}]
+        eval_feeds, labels = eval_set(name, feeds)
         tmp = tempfile.mkdtemp(prefix=f"bench-calib-{name}-")
         paths, secs = {}, {}
         jobs = [(f"ours {m}", lambda o, m=m: ours(src, o, calib, m)) for m in METHODS]

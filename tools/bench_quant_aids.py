@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import outputs, size  # noqa: E402
-from bench_static_int8 import ort_static  # noqa: E402
+from bench_static_int8 import eval_set, ort_static  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
 from onnxslim_kit.runtime import time_sessions  # noqa: E402
@@ -88,14 +88,7 @@ def main(argv=None) -> int:
         calib = str(ROOT / "models" / f"{name}.calib.npz")
         specs = input_specs(onnx.load(src))
         feeds = list(load_calibration(calib, specs))
-        eval_path = ROOT / "models" / f"{name}.eval.npz"
-        labels = None
-        if eval_path.exists():
-            data = np.load(eval_path)
-            test_feeds = [{k: data[k] for k in data.files if k != "labels"}]
-            labels = data["labels"] if "labels" in data.files else None
-        else:
-            test_feeds = feeds
+        test_feeds, labels = eval_set(name, feeds)
         tmp = tempfile.mkdtemp(prefix=f"bench-aids-{name}-")
         jobs = {"ORT per-channel": lambda o: ort_static(src, o, feeds, tmp, per_channel=True),
                 "ORT per-tensor": lambda o: ort_static(src, o, feeds, tmp, per_channel=False)}

@@ -83,14 +83,22 @@ def top1(reference, path, feeds):
     return float(np.mean(agree))
 
 
-def accuracy(path, name):
+def eval_set(name, default_feeds=None):
+    """(feeds, labels) of models/<name>.eval.npz as one batch; (default_feeds, None) when there is none."""
     data_path = ROOT / "models" / f"{name}.eval.npz"
     if not data_path.exists():
-        return None
+        return default_feeds, None
     data = np.load(data_path)
-    feeds = {k: data[k] for k in data.files if k != "labels"}
-    pred = outputs(path, [feeds], 2)[0][0].argmax(-1)
-    return float((pred == data["labels"]).mean())
+    labels = data["labels"] if "labels" in data.files else None
+    return [{k: data[k] for k in data.files if k != "labels"}], labels
+
+
+def accuracy(path, name):
+    feeds, labels = eval_set(name)
+    if labels is None:
+        return None
+    pred = outputs(path, feeds, 2)[0][0].argmax(-1)
+    return float((pred == labels).mean())
 
 
 def main(argv=None) -> int:
