@@ -482,7 +482,8 @@ class PruneChannels(Pass):
                     rows_new = np.hstack([rows_new, np.ones((rows_new.shape[0], 1))])
                 fit.add(rows_new, y)
             if not ok or fit.batches == 0:
-                skipped.append((label, "not reconstructed: input layout not supported (SAME padding or not 2-D)"))
+                skipped.append((label, "not reconstructed: " + (
+                    "input layout not supported (SAME padding or not 2-D)" if not ok else "no calibration batches")))
                 continue
             prior = _weight_matrix(node, w_now.astype(np.float64))
             if with_bias:
