@@ -25,7 +25,7 @@ from onnxslim_kit.errors import InputError
 from onnxslim_kit.ir import Model, tensor_from_array
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance, require_nodes
 from onnxslim_kit.registry import register_pass
-from onnxslim_kit.shapes import elem_type, with_outputs
+from onnxslim_kit.shapes import elem_type, input_dims, with_outputs
 from passes import quant_aids
 
 logger = logging.getLogger(__name__)
@@ -703,12 +703,43 @@ class Fp16(Pass):
 # ----------------------------------------------------------------------------------------------
 
 _COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
-# Ops onnxruntime runs on quantized tensors when every float input and output carries a Q/DQ pair.
-_QUANT_FRIENDLY = ("Add", "AveragePool", "GlobalAveragePool", "Concat")
+# Ops onnxruntime runs on quantized tensors when every float input and output carries a Q/DQ pair
+# (Sigmoid and LeakyRelu as 256-entry lookup tables: QLinearSigmoid, QLinearLeakyRelu).
+_QUANT_FRIENDLY = ("Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat", "Sigmoid", "LeakyRelu")
+# Float activations onnxruntime has no integer kernel for: rewritten (before planning) into Add / Clip /
+# Mul, which it runs on uint8 (QLinearAdd, range clamp, QLinearMul, and a scale change): see _decompose.
+_DECOMPOSED = ("HardSwish", "HardSigmoid")
 _REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 # Data-movement ops: the output keeps the input's scale and zero point (no requantization), so
 # onnxruntime drops their Q/DQ pair or runs them on uint8 directly. Only input 0 is data.
 _SHARE_SCALE = ("Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
+
+
+def _scalar_operand(model: Model, node: gs.Node) -> tuple[int, float] | None:
+    """(index, value) of the one scalar float constant input of a binary node whose other input is an
+    activation; None otherwise."""
+    if len(node.inputs) != 2:
+        return None
+    values = [model.constant_value(t) for t in node.inputs]
+    if (values[0] is None) == (values[1] is None):
+        return None
+    i = 0 if values[0] is not None else 1
+    v = np.asarray(values[i])
+    if v.size != 1 or v.dtype != np.float32 or not np.isfinite(v).all() or float(v.reshape(-1)[0]) == 0.0:
+        return None
+    return i, float(v.reshape(-1)[0])
+
+
+def _rescale(model: Model, node: gs.Node) -> tuple[gs.Tensor, float] | None:
+    """(activation, factor) of ``Mul(x, c)`` with a scalar constant c > 0: quantized, its output holds
+    the same integers as x read with scale * c, so the Mul itself can go."""
+    if node.op != "Mul":
+        return None
+    operand = _scalar_operand(model, node)
+    if operand is None or operand[1] <= 0.0:
+        return None
+    return node.inputs[1 - operand[0]], operand[1]
+
 
 
 class _RangeCollector:
@@ -933,7 +964,7 @@ class QuantizeInt8(Pass):
         self.exclude = list(exclude) if exclude else []
         self.int16_nodes = list(int16_nodes) if int16_nodes else []
         self.exclude_op_types = list(exclude_op_types) if exclude_op_types else []
-        known = set(_COMPUTE_OPS + _QUANT_FRIENDLY + _SHARE_SCALE)
+        known = set(_COMPUTE_OPS + _QUANT_FRIENDLY + _SHARE_SCALE + _DECOMPOSED)
         unknown = set(self.exclude_op_types) - known
         if unknown:
             raise ValueError(f"exclude_op_types: {', '.join(sorted(unknown))} is not quantized by this pass "
@@ -1017,6 +1048,12 @@ class QuantizeInt8(Pass):
             if not node.name:
                 node.name = model.unique_name(node.op.lower())
         stats_extra, undo = self._accuracy_aids(model, ctx, per_channel, skipped)
+        decomposed = self._decompose(model, skipped)
+        if decomposed:
+            stats_extra["activations_decomposed"] = decomposed
+        flattened = self._nhwc_flatten(model) if self.activation_type != "int16" else 0
+        if flattened:
+            stats_extra["flatten_to_nhwc"] = flattened
         plan = self._plan(model, ctx, skipped)
         if plan is None:  # the aids may still have rewritten weights (exactly): say so
             aided = any(stats_extra.get(k) for k in ("pairs_equalized", "matmuls_smoothed", "biases_corrected"))
@@ -1079,18 +1116,26 @@ class QuantizeInt8(Pass):
         for node in model.nodes:
             if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
                     node.op not in self.exclude_op_types and \
-                    all(model.constant_value(t) is None and is_float(t) for t in node.inputs) and \
+                    (all(model.constant_value(t) is None and is_float(t) for t in node.inputs) or
+                     (node.op == "Add" and _scalar_operand(model, node) is not None)) and \
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))
         # Data-movement ops next to quantized nodes carry the quantized tensor through.
         produced = {t.name for n in model.nodes if id(n) in selected for t in n.outputs}
         consumed = {t.name for n in model.nodes if id(n) in selected for t in n.inputs}
         for node in model.nodes:
+            if node.op in _REMOVABLE_ACTIVATIONS and node.inputs[0].name in produced:
+                produced.add(node.outputs[0].name)  # folded into its producer's range (_fold_pairs)
             if node.op in _SHARE_SCALE and node.name not in self.exclude and node.op not in self.exclude_op_types and \
                     is_float(node.inputs[0]) and \
                     model.constant_value(node.inputs[0]) is None and \
                     (node.inputs[0].name in produced or node.outputs[0].name in consumed):
                 selected.add(id(node))
+                produced.add(node.outputs[0].name)
+            elif _rescale(model, node) is not None and node.name not in self.exclude and \
+                    "Mul" not in self.exclude_op_types and _rescale(model, node)[0].name in produced and \
+                    not model.is_graph_output(node.outputs[0]):
+                selected.add(id(node))  # x * c (c > 0): the same integers, read with scale * c
                 produced.add(node.outputs[0].name)
         nodes = [n for n in model.nodes if id(n) in selected]
         plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": None}
@@ -1105,6 +1150,11 @@ class QuantizeInt8(Pass):
         for node in nodes:  # topological order: chains of data-movement ops share one scale
             if node.op in _SHARE_SCALE and node.inputs[0].name in qparams and node.outputs[0].name in qparams:
                 qparams[node.outputs[0].name] = qparams[node.inputs[0].name]
+            elif node.op == "Mul" and _rescale(model, node) is not None:
+                x, factor = _rescale(model, node)
+                if x.name in qparams and node.outputs[0].name in qparams:
+                    scale, zp = qparams[x.name]
+                    qparams[node.outputs[0].name] = (float(scale * factor), zp)
         plan["qparams"] = qparams
         return plan
 
@@ -1162,7 +1212,7 @@ class QuantizeInt8(Pass):
             act.inputs.clear()
             model.graph.nodes.remove(act)
             node.outputs[0] = out
-        stats = {"nodes_quantized": 0, "activations_quantized": 0, "activations_folded": len(fold),
+        stats = {"nodes_quantized": 0, "activations_quantized": 0, "activations_folded": len(fold), "rescales_dropped": 0,
                  "weights_quantized": 0, "bias_scales_raised": 0}
         in_scales = {n.name: qparams[n.inputs[0].name][0] for n in nodes
                      if n.op in _COMPUTE_OPS and n.inputs[0].name in qparams}
@@ -1191,6 +1241,12 @@ class QuantizeInt8(Pass):
                     dq.name = dq_name
                     model.graph.outputs[i] = dq
             stats["activations_quantized"] += 1
+        for node in nodes:
+            if node.op == "Add" and _scalar_operand(model, node) is not None:
+                self._quantize_operand(model, node, stats)
+        for node in nodes:
+            if node.op == "Mul" and _rescale(model, node) is not None:
+                self._drop_rescale(model, node, stats)
         # Weights (per channel) and bias (int32, scale = input scale x weight scale).
         for node in nodes:
             if node.op in _COMPUTE_OPS:
@@ -1257,6 +1313,169 @@ class QuantizeInt8(Pass):
             warnings.append("quantize-int8: this CPU has no int8 dot-product instructions (VNNI/AMX/Arm dot); "
                             "int8 may be slower than fp32 here: check with 'onnxslim-kit bench'")
         return out
+
+    # -- float activations onnxruntime has no integer kernel for ---------------------------------
+    def _decompose(self, model: Model, skipped: list) -> int:
+        """HardSwish(x) -> Mul(Mul(x, Clip(Add(x, 3), 0, 6)), 1/6) and HardSigmoid(x) ->
+        Mul(Clip(Add(x, beta/alpha), 0, 1/alpha), alpha), where x comes from a node this pass quantizes.
+
+        Same function in float (to rounding). Quantized, onnxruntime runs the Add as QLinearAdd, the
+        Clip disappears into the uint8 range of the Add's output (zero point 0, top of the range at most
+        the Clip's bound), the x * t product as QLinearMul, and the scalar Mul becomes a change of scale
+        between a Q and the next DQ: no float op left (before: DQ -> HardSigmoid -> Mul -> Q, measured
+        ~4 kernel launches each; fp32 fuses them into the Conv). uint8 activations only."""
+        if self.activation_type != "uint8" or self.int16_nodes:
+            return 0
+        producers_ok = {n.name for n in self._select(model, [])}
+        count = 0
+        for node in list(model.nodes):
+            if node.op not in _DECOMPOSED or (node.domain or "") not in ("", "ai.onnx"):
+                continue
+            if node.name in self.exclude or node.op in self.exclude_op_types:
+                skipped.append((node.name, f"{node.op} kept in float (excluded by option)"))
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            src = x.inputs[0] if x.inputs else None
+            if src is None or not (src.name in producers_ok or src.op in _QUANT_FRIENDLY):
+                continue  # its input stays float: nothing to gain
+            if node.op == "HardSwish":
+                alpha, beta, times_x = 1.0 / 6.0, 0.5, True
+            else:
+                alpha, beta, times_x = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5)), False
+                if not alpha > 0.0:
+                    skipped.append((node.name, "HardSigmoid with alpha <= 0 kept in float"))
+                    continue
+            base = node.name or model.unique_name(node.op.lower())
+
+            def const(suffix, value):
+                return tensor_from_array(model.unique_name(f"{base}_{suffix}"), np.array(value, np.float32))
+
+            def var(suffix):
+                return gs.Variable(model.unique_name(f"{base}_{suffix}"), dtype=np.float32, shape=x.shape)
+
+            shifted, clipped = var("shifted"), var("clipped")
+            new = [gs.Node("Add", model.unique_name(base + "_add"), inputs=[x, const("offset", beta / alpha)],
+                           outputs=[shifted])]
+            if model.opset >= 11:
+                new.append(gs.Node("Clip", model.unique_name(base + "_clip"),
+                                   inputs=[shifted, const("low", 0.0), const("high", 1.0 / alpha)], outputs=[clipped]))
+            else:
+                new.append(gs.Node("Clip", model.unique_name(base + "_clip"), attrs={"min": 0.0, "max": 1.0 / alpha},
+                                   inputs=[shifted], outputs=[clipped]))
+            gated = clipped
+            if times_x:
+                gated = var("gated")
+                new.append(gs.Node("Mul", model.unique_name(base + "_mul"), inputs=[x, clipped], outputs=[gated]))
+            node.inputs.clear()
+            node.outputs.clear()
+            model.graph.nodes.remove(node)
+            new.append(gs.Node("Mul", model.unique_name(base + "_scale"), inputs=[gated, const("alpha", alpha)],
+                               outputs=[y]))
+            model.graph.nodes.extend(new)
+            count += 1
+        if count:
+            model.invalidate()
+            model.toposort()
+        return count
+
+    def _nhwc_flatten(self, model: Model) -> int:
+        """Flatten(axis=1) of an NCHW activation this pass quantizes -> Transpose(to NHWC) -> Flatten, with
+        the rows of the Gemm/MatMul weights that read it permuted to match (the same function).
+
+        onnxruntime runs QLinearConv and the uint8 pools in NHWC and puts a Transpose back to NCHW before
+        a Flatten; the Transpose written here cancels it, so the quantized graph has no Transpose at the
+        head (measured: resnet_tiny 2 -> 1 Transpose in onnxruntime's optimized graph). A 1x1 spatial
+        input (after GlobalAveragePool) needs no weight change; otherwise every reader must be a
+        MatMul / Gemm(transA=0) whose constant weight nobody else reads."""
+        producers_ok = {n.name for n in self._select(model, [])}
+        friendly = _QUANT_FRIENDLY + _SHARE_SCALE + _REMOVABLE_ACTIVATIONS
+        infos = None
+        count = 0
+        for node in list(model.nodes):
+            if node.op != "Flatten" or int(node.attrs.get("axis", 1)) != 1 or node.name in self.exclude:
+                continue
+            x = node.inputs[0]
+            src = model.producer(x)
+            if src is None or not (src.name in producers_ok or src.op in friendly):
+                continue
+            infos = infos if infos is not None else model.value_infos()
+            dims = input_dims(infos[x.name]) if x.name in infos else []
+            if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+                continue
+            c, h, w = dims[1:]
+            new_weights = []
+            if h * w > 1:
+                order = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+                for user in model.consumers(node.outputs[0]):
+                    weight = model.constant_value(user.inputs[1]) if len(user.inputs) > 1 else None
+                    if user.op not in ("MatMul", "Gemm") or user.inputs[0] is not node.outputs[0] or \
+                            weight is None or weight.ndim != 2 or user.attrs.get("transA", 0) or \
+                            len(user.inputs[1].outputs) != 1:
+                        new_weights = None
+                        break
+                    axis = 1 if user.op == "Gemm" and user.attrs.get("transB", 0) else 0
+                    if weight.shape[axis] != c * h * w:
+                        new_weights = None
+                        break
+                    new_weights.append((user, np.take(weight, order, axis=axis)))
+                if new_weights is None or model.is_graph_output(node.outputs[0]):
+                    continue
+            for user, value in new_weights:
+                user.inputs[1] = tensor_from_array(model.unique_name(user.inputs[1].name + "_nhwc"), value)
+            base = node.name or "flatten"
+            t = gs.Variable(model.unique_name(base + "_nhwc"), dtype=np.float32, shape=[dims[0], h, w, c])
+            model.graph.nodes.append(gs.Node("Transpose", model.unique_name(base + "_to_nhwc"),
+                                             attrs={"perm": [0, 2, 3, 1]}, inputs=[x], outputs=[t]))
+            node.inputs[0] = t
+            count += 1
+        if count:
+            model.invalidate()
+            model.toposort()
+        return count
+
+    def _quantize_operand(self, model: Model, node: gs.Node, stats) -> None:
+        """The scalar constant of a quantized Add becomes DQ(one integer), as QLinearAdd needs."""
+        i, value = _scalar_operand(model, node)
+        other = node.inputs[1 - i]
+        dq = other.inputs[0] if other.inputs else None
+        if dq is None or dq.op != "DequantizeLinear":
+            return
+        zp_dtype = np.asarray(model.constant_value(dq.inputs[2])).dtype
+        info = np.iinfo(zp_dtype)
+        if info.min == 0:  # uint8: the value sits at one end of the range, exactly
+            scale, zp, q = abs(value) / info.max, (0 if value > 0 else info.max), (info.max if value > 0 else 0)
+        else:
+            scale, zp, q = abs(value) / info.max, 0, (info.max if value > 0 else -info.max)
+        base = node.inputs[i].name or node.name
+        q_t = tensor_from_array(model.unique_name(base + "_quantized"), np.array(q, zp_dtype))
+        s_t = tensor_from_array(model.unique_name(base + "_scale"), np.array(scale, np.float32))
+        z_t = tensor_from_array(model.unique_name(base + "_zero_point"), np.array(zp, zp_dtype))
+        out = gs.Variable(model.unique_name(base + "_dequantized"), dtype=np.float32, shape=[])
+        model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(base + "_DQ"),
+                                         inputs=[q_t, s_t, z_t], outputs=[out]))
+        node.inputs[i] = out
+
+    @staticmethod
+    def _drop_rescale(model: Model, node: gs.Node, stats) -> None:
+        """DQ(x) -> Mul(c) -> Q(scale * c) -> DQ: the Q gives back x's integers, so the DQ after it reads
+        x's Q output directly (with the scale times c) and the Mul and that Q go."""
+        x, _ = _rescale(model, node)
+        out = node.outputs[0]
+        dq_in = x.inputs[0] if x.inputs else None
+        users = list(out.outputs)
+        if dq_in is None or dq_in.op != "DequantizeLinear" or len(users) != 1 or users[0].op != "QuantizeLinear":
+            return
+        q_out = users[0]
+        q_int = dq_in.inputs[0]
+        for dq_out in list(q_out.outputs[0].outputs):
+            dq_out.inputs[0] = q_int
+        q_out.inputs.clear()
+        q_out.outputs.clear()
+        node.inputs.clear()
+        node.outputs.clear()
+        model.graph.nodes.remove(q_out)
+        model.graph.nodes.remove(node)
+        stats["rescales_dropped"] += 1
 
     # -- helpers ------------------------------------------------------------------------------------
     def _act_dtype(self):

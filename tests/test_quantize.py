@@ -613,3 +613,114 @@ def test_quantize_weights_exclude_op_types_and_include_select_nodes():
         Pipeline.from_specs(["quantize-weights:include=nope"]).run(Model.from_proto(proto), PassContext())
     with pytest.raises(InputError, match="exclude_op_types: Conv is not quantized"):
         build_pass("quantize-weights", {"exclude_op_types": "Conv"})
+
+
+def _conv_hardswish_se(opset=17):
+    """Conv -> HardSwish -> SE gate (GAP -> Conv -> HardSigmoid(alpha 0.2) -> Mul) -> Conv."""
+    r = rng(21)
+    inits = [init("c1.w", (r.standard_normal((16, 3, 3, 3)) * 0.4).astype(np.float32)),
+             init("c1.b", (r.standard_normal(16) * 0.3).astype(np.float32)),
+             init("se.w", (r.standard_normal((16, 16, 1, 1)) * 0.3).astype(np.float32)),
+             init("c2.w", (r.standard_normal((8, 16, 1, 1)) * 0.3).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["a"], ["h"], name="hswish"),
+             helper.make_node("GlobalAveragePool", ["h"], ["p"], name="gap"),
+             helper.make_node("Conv", ["p", "se.w"], ["s"], name="se"),
+             helper.make_node("HardSigmoid", ["s"], ["g"], name="hsig", alpha=0.2, beta=0.5),
+             helper.make_node("Mul", ["h", "g"], ["m"], name="gate"),
+             helper.make_node("Conv", ["m", "c2.w"], ["y"], name="c2")]
+    return make_model(nodes, [("x", FLOAT, ["N", 3, 12, 12])], [("y", FLOAT, ["N", 8, 12, 12])], inits, opset=opset)
+
+
+def test_quantize_int8_hardswish_and_se_gate_run_without_float_ops(tmp_path):
+    src = _conv_hardswish_se()
+    feeds = {"x": rng(3).standard_normal((16, 3, 12, 12)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", **feeds)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"], calibration=tmp_path / "calib.npz")
+    onnx.checker.check_model(out, full_check=True)
+    rec = report.passes[0]
+    assert rec.stats["activations_decomposed"] == 2 and rec.stats["rescales_dropped"] == 2
+    assert report.parity.ok and report.parity.outputs[0].cosine > 0.999
+    fused = fused_ops(out, tmp_path)
+    # HardSwish = QLinearAdd (+3, clamped by the uint8 range) and QLinearMul; the SE gate's Mul runs on
+    # uint8 too: one Q at the input, one DQ at the output, no float op in between
+    assert not {"HardSwish", "HardSigmoid", "Mul", "Add", "Conv"} & set(fused)
+    assert fused.count("QuantizeLinear") == 1 and fused.count("DequantizeLinear") == 1
+    assert fused.count("QLinearConv") == 3 and fused.count("QLinearMul") == 2 and fused.count("QLinearAdd") == 2
+
+
+def test_quantize_int8_decomposition_is_the_same_function_in_float():
+    """Before Q/DQ go in, the rewrite alone (HardSwish -> x * Clip(x + 3, 0, 6) / 6, HardSigmoid ->
+    Clip(x + beta/alpha, 0, 1/alpha) * alpha) computes what the original computes."""
+    from passes.quantize import QuantizeInt8
+
+    src = _conv_hardswish_se(opset=14)
+    model = Model.from_proto(src)
+    p = QuantizeInt8()
+    skipped = []
+    assert p._decompose(model, skipped) == 2 and not skipped
+    ops = [n.op for n in model.nodes]
+    assert "HardSwish" not in ops and "HardSigmoid" not in ops and ops.count("Clip") == 2
+    rewritten = model.to_proto()
+    onnx.checker.check_model(rewritten, full_check=True)
+    x = {"x": (rng(5).standard_normal((2, 3, 12, 12)) * 3).astype(np.float32)}  # well past both clamps
+    np.testing.assert_allclose(run_model(rewritten, x)[0], run_model(src, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_int8_hardswish_excluded_or_fed_by_float_stays():
+    src = _conv_hardswish_se()
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:exclude_op_types=HardSwish+HardSigmoid"])
+    assert "activations_decomposed" not in report.passes[0].stats and report.parity.ok
+    assert {"HardSwish", "HardSigmoid"} <= {n.op_type for n in out.graph.node}
+    assert ("hswish", "HardSwish kept in float (excluded by option)") in report.passes[0].skipped
+    # the Conv before it kept in float: its HardSwish input is float, nothing to gain, left as it is
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:exclude=c1"])
+    assert "HardSwish" in {n.op_type for n in out.graph.node} and report.parity.ok
+
+
+def _conv_flatten_gemm(trans_b=0, extra_reader=False):
+    r = rng(8)
+    inits = [init("c.w", (r.standard_normal((6, 3, 3, 3)) * 0.4).astype(np.float32)),
+             init("fc.w", (r.standard_normal((10, 6 * 4 * 4) if trans_b else (6 * 4 * 4, 10)) * 0.2).astype(np.float32)),
+             init("fc.b", (r.standard_normal(10) * 0.1).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "c.w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], name="fc", transB=trans_b)]
+    outputs = [("y", FLOAT, ["N", 10])]
+    if extra_reader:  # a reader that is not a weight product: the Flatten must stay NCHW
+        nodes.append(helper.make_node("Relu", ["f"], ["f2"], name="reader"))
+        outputs.append(("f2", FLOAT, ["N", 96]))
+    return make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], outputs, inits)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_quantize_int8_flatten_reads_nhwc_and_head_transpose_cancels(tmp_path, trans_b):
+    src = _conv_flatten_gemm(trans_b)
+    np.savez(tmp_path / "calib.npz", x=rng(4).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"], calibration=tmp_path / "calib.npz")
+    onnx.checker.check_model(out, full_check=True)
+    assert report.passes[0].stats["flatten_to_nhwc"] == 1
+    assert report.parity.ok and report.parity.outputs[0].cosine > 0.999  # the weight rows follow the permutation
+    fused = fused_ops(out, tmp_path)
+    assert fused.count("Transpose") == 1 and "QGemm" in fused  # only the input's NCHW -> NHWC is left
+
+
+def test_quantize_int8_flatten_with_other_readers_stays_nchw(tmp_path):
+    src = _conv_flatten_gemm(extra_reader=True)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
+    assert "flatten_to_nhwc" not in report.passes[0].stats and report.parity.ok
+    assert not any(n.op_type == "Transpose" for n in out.graph.node)
+
+
+def test_quantize_int8_nhwc_flatten_rewrite_alone_is_exact():
+    from passes.quantize import QuantizeInt8
+
+    src = _conv_flatten_gemm(trans_b=1)
+    model = Model.from_proto(src)
+    assert QuantizeInt8()._nhwc_flatten(model) == 1
+    rewritten = model.to_proto()
+    onnx.checker.check_model(rewritten, full_check=True)
+    x = {"x": rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(rewritten, x)[0], run_model(src, x)[0], rtol=1e-5, atol=1e-5)
