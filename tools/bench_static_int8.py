@@ -101,15 +101,54 @@ def accuracy(path, name):
     return float((pred == labels).mean())
 
 
+def snrs(reference: str, variants: dict[str, str], feeds, threads) -> dict[str, list[float]]:
+    """Per-output SNR (dB) of each variant vs the reference (run unoptimized), over all feeds."""
+    ref_out = outputs(reference, feeds, threads, optimize=False)
+    result = {}
+    for name, path in variants.items():
+        outs = outputs(path, feeds, threads)
+        values = []
+        for k in range(len(ref_out[0])):
+            a = np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64)
+            b = np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64)
+            err = float(((a - b) ** 2).sum())
+            values.append(float("inf") if err == 0 else 10 * np.log10(float((a ** 2).sum()) / err))
+        result[name] = values
+    return result
+
+
+def batched(paths: dict[str, str], feed: dict, args) -> dict[str, float] | None:
+    """Median latency at batch ``args.batch`` (the first sample repeated), when every input's batch dim
+    is dynamic; None otherwise."""
+    if args.batch <= 1:
+        return None
+    model = onnx.load(paths["fp32"], load_external_data=False)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return None
+    big = {k: np.repeat(v[:1], args.batch, axis=0) for k, v in feed.items()}
+    times = latencies(paths, big, args.threads, max(5, args.runs // 3), args.rounds)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="also time fp32/ours/ORT at this batch size (dynamic-batch models; 0: skip)")
     args = parser.parse_args(argv)
     rows = []
     notes = []
+    # Warm-up: both tools once on a throwaway copy, so neither tool's first-call costs (imports,
+    # onnxruntime's quantization modules) land on the first model's tool time.
+    warm = tempfile.mkdtemp(prefix="bench-int8-warmup-")
+    wsrc, wcal = str(ROOT / "models" / "digits_cnn.onnx"), str(ROOT / "models" / "digits_cnn.calib.npz")
+    ours(wsrc, os.path.join(warm, "ours.onnx"), wcal)
+    ort_static(wsrc, os.path.join(warm, "ort.onnx"), list(load_calibration(wcal, input_specs(onnx.load(wsrc)))), warm)
     for name in args.models:
         src = str(ROOT / "models" / f"{name}.onnx")
         calib = str(ROOT / "models" / f"{name}.calib.npz")
@@ -129,27 +168,34 @@ def main(argv=None) -> int:
                 print(msg)
                 notes.append(msg)
         cos = cosines(src, paths, feeds, args.threads)
+        snr = snrs(src, paths, feeds, args.threads)
         times = latencies(paths, feeds[0], args.threads, args.runs, args.rounds)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_b = batched(paths, feeds[0], args)
         for label in paths:
             rows.append([name, label, f"{med[label] * 1e3:.3f}", f"{med[label] / med['fp32']:.3f}",
-                         f"{size(paths[label]) / 1024:.0f}", f"{min(cos[label]):.5f}",
+                         f"{med_b[label] / med_b['fp32']:.3f}" if med_b else "-",
+                         f"{size(paths[label]) / 1024:.0f}", f"{min(cos[label]):.5f}", f"{min(snr[label]):.2f}",
                          f"{top1(src, paths[label], feeds):.3f}" if label != "fp32" else "1.000",
                          (f"{accuracy(paths[label], name):.4f}" if accuracy(paths[label], name) is not None else "-"),
                          f"{secs.get(label, 0):.2f}"])
         if "ours" in paths and "ORT" in paths:
-            rows.append([name, "ratio ours/ORT", f"{med['ours'] / med['ORT']:.3f}", "", 
-                         f"{size(paths['ours']) / size(paths['ORT']):.3f}", "", "", "",
+            rows.append([name, "ratio ours/ORT", f"{med['ours'] / med['ORT']:.3f}", "",
+                         f"{med_b['ours'] / med_b['ORT']:.3f}" if med_b else "-",
+                         f"{size(paths['ours']) / size(paths['ORT']):.3f}", "", "", "", "",
                          f"{secs['ours'] / secs['ORT']:.2f}"])
         print("\n".join(" | ".join(r) for r in rows[-(len(paths) + 1):]), flush=True)
-    header = ["model", "variant", "median ms", "vs fp32", "KiB", "min cosine", "top-1 agree", "accuracy", "tool s"]
+    header = ["model", "variant", "median ms", "vs fp32", f"batch {args.batch} vs fp32", "KiB", "min cosine",
+              "min SNR dB", "top-1 agree", "accuracy", "tool s"]
     text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     out = ROOT / "tools" / "results" / "static_int8_vs_ort.md"
     out.write_text(f"# quantize-int8 vs onnxruntime quantize_static (QDQ, per-channel, U8S8)\n\n"
-                   f"{args.threads} threads, {args.rounds} interleaved rounds x {args.runs} runs\n\n" + text)
+                   f"{args.threads} threads, {args.rounds} interleaved rounds x {args.runs} runs, batch 1 (and "
+                   f"batch {args.batch} where the batch dim is dynamic: ratio column); tool time after one "
+                   f"warm-up run of each tool\n\n" + text)
     print(text)
     return 0
 
