@@ -247,7 +247,8 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, min_cos", [("resnet_tiny", 0.999), ("mobilenetv2_tiny", 0.999),
-                                           ("digits_cnn", 0.999), ("det_head_tiny", 0.999)])
+                                           ("mobilenetv3_tiny", 0.999), ("digits_cnn", 0.999),
+                                           ("det_head_tiny", 0.999)])
 def test_quantize_int8_cnn_becomes_integer_kernels(tmp_path, name, min_cos):
     proto, report = onnxslim_kit.optimize(MODELS / f"{name}.onnx", passes=["cleanup", "quantize-int8"],
                                           calibration=MODELS / f"{name}.calib.npz")
@@ -261,6 +262,12 @@ def test_quantize_int8_cnn_becomes_integer_kernels(tmp_path, name, min_cos):
     convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
     # every quantized Conv runs as QLinearConv: no DQ -> float Conv left
     assert fused.count("QLinearConv") == convs and "Conv" not in fused
+    # no float island anywhere (HardSwish, SE gates, Sigmoid heads, Flatten included): one Q per graph
+    # input, one DQ per graph output, and no Transpose back to NCHW before a Flatten
+    assert fused.count("QuantizeLinear") == len(proto.graph.input)
+    assert fused.count("DequantizeLinear") == len(proto.graph.output)
+    assert fused.count("Transpose") == len(proto.graph.input) + len(proto.graph.output) - \
+        sum(1 for n in proto.graph.node if n.op_type == "Flatten")
 
 
 @pytest.mark.slow
