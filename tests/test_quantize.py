@@ -731,3 +731,19 @@ def test_quantize_int8_nhwc_flatten_rewrite_alone_is_exact():
     onnx.checker.check_model(rewritten, full_check=True)
     x = {"x": rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run_model(rewritten, x)[0], run_model(src, x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, unaligned", [(24, 1), (32, 0)])
+def test_quantize_int8_warns_about_int8_depthwise_convs(channels, unaligned):
+    r = rng(9)
+    inits = [init("pw.w", (r.standard_normal((channels, 3, 1, 1)) * 0.4).astype(np.float32)),
+             init("dw.w", (r.standard_normal((channels, 1, 3, 3)) * 0.4).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "pw.w"], ["a"], name="pw"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "dw.w"], ["y"], name="dw", group=channels, pads=[1, 1, 1, 1])]
+    src = make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, ["N", channels, 8, 8])], inits)
+    _, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
+    stats = report.passes[0].stats
+    assert stats["depthwise_int8"] == 1 and stats["depthwise_int8_unaligned"] == unaligned
+    warning = [w for w in report.warnings if "depthwise" in w]
+    assert len(warning) == 1 and ("not a multiple of 16" in warning[0]) == bool(unaligned)
