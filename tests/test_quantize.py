@@ -746,4 +746,5 @@ def test_quantize_int8_warns_about_int8_depthwise_convs(channels, unaligned):
     stats = report.passes[0].stats
     assert stats["depthwise_int8"] == 1 and stats["depthwise_int8_unaligned"] == unaligned
     warning = [w for w in report.warnings if "depthwise" in w]
-    assert len(warning) == 1 and ("not a multiple of 16" in warning[0]) == bool(unaligned)
+    x86 = __import__("platform").machine().lower() in ("x86_64", "amd64")  # the 16-channel kernel is x86's
+    assert len(warning) == 1 and ("not a multiple of 16" in warning[0]) == (bool(unaligned) and x86)
