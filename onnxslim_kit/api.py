@@ -125,6 +125,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
         checker = ParityChecker(label if streamed else proto, data, progress=progress)
         if streamed:
             checker.reference_outputs  # noqa: B018 - computed now, and the reference session released
+        elif check == "end":
+            checker.prefetch()  # runs while the passes do (in memory: two sessions may coexist)
     overrides = None
     if isinstance(tolerance, dict):
         overrides = dict(tolerance)

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -383,6 +384,7 @@ class ParityChecker:
             raise InputError(f"reference model does not load in onnxruntime ({_one_line(exc)})") from None
         self.output_names = [o.name for o in self._ref_session.get_outputs()]
         self._ref_outputs: list[dict[str, np.ndarray]] | None = None
+        self._prefetch: tuple[threading.Thread, dict] | None = None
 
     @property
     def reference(self) -> onnx.ModelProto:
@@ -394,22 +396,51 @@ class ParityChecker:
     def _track(self, iterable: Iterable, label: str) -> Iterable:
         return self.progress(iterable, label) if self.progress else iterable
 
+    def prefetch(self) -> None:
+        """Compute the reference outputs in a background thread (onnxruntime releases the GIL while it
+        runs), so they are ready when the passes finish instead of adding to the run time. For models
+        held in memory only: the reference session then lives alongside the passes' sessions."""
+        if self._ref_outputs is not None or self._prefetch is not None or self._reference_path:
+            return
+        box: dict = {}
+
+        def work():
+            try:
+                box["outputs"] = self._compute_reference(track=False)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=work, name="onnxslim-parity-reference", daemon=True)
+        self._prefetch = (thread, box)
+        thread.start()
+
     @property
     def reference_outputs(self) -> list[dict[str, np.ndarray]]:
+        if self._ref_outputs is None and self._prefetch is not None:
+            thread, box = self._prefetch
+            thread.join()
+            self._prefetch = None
+            if "error" in box:
+                raise box["error"]
+            self._ref_outputs = box["outputs"]
         if self._ref_outputs is None:
-            outs = []
-            for i, feed in enumerate(self._track(self.data, "parity: reference")):
-                try:
-                    values = self._ref_session.run(self.output_names, feed)
-                except Exception as exc:  # noqa: BLE001
-                    hint = ("; random data may not suit this model: pass real data (--calib) or pin "
-                            "shapes (--input-shape)") if self.data.is_random else ""
-                    raise InputError(f"reference model fails on calibration batch {i} of {self.data.source} "
-                                     f"({_one_line(exc)}){hint}") from None
-                outs.append(dict(zip(self.output_names, values)))
-            self._ref_outputs = outs
-            self._ref_session = None  # before any candidate session exists
+            self._ref_outputs = self._compute_reference(track=True)
         return self._ref_outputs
+
+    def _compute_reference(self, *, track: bool) -> list[dict[str, np.ndarray]]:
+        outs = []
+        feeds = self._track(self.data, "parity: reference") if track else self.data
+        for i, feed in enumerate(feeds):
+            try:
+                values = self._ref_session.run(self.output_names, feed)
+            except Exception as exc:  # noqa: BLE001
+                hint = ("; random data may not suit this model: pass real data (--calib) or pin "
+                        "shapes (--input-shape)") if self.data.is_random else ""
+                raise InputError(f"reference model fails on calibration batch {i} of {self.data.source} "
+                                 f"({_one_line(exc)}){hint}") from None
+            outs.append(dict(zip(self.output_names, values)))
+        self._ref_session = None  # before any candidate session exists
+        return outs
 
     def _failed(self, tolerance: Tolerance, error: str, batches: int) -> ParityReport:
         nan = float("nan")
