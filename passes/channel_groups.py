@@ -565,3 +565,59 @@ def channel_values(space: Space, gid: int, vector: np.ndarray) -> np.ndarray:
             out = part if out is None else out + part
         offset += n
     return out
+
+
+def padded_indices(space: Space, pads: dict[int, int]) -> np.ndarray:
+    """Source index of every position along the channel axis (expanded by block) after ``pads[gid]`` new
+    channels are appended to each group's segment; -1 marks a new position."""
+    parts, offset = [], 0
+    for gid, n in space.segments:
+        parts.append(np.arange(n) + offset)
+        parts.append(np.full(pads.get(gid, 0), -1))
+        offset += n
+    idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if space.block == 1:
+        return idx
+    return np.where(idx[:, None] < 0, -1, idx[:, None] * space.block + np.arange(space.block)[None, :]).reshape(-1)
+
+
+def pad_groups(model: Model, an: Analysis, pads: dict[int, int]) -> None:
+    """The inverse of pruning: append ``pads[gid]`` channels to each group, every weight and parameter tied
+    to them extended along the channel axis. New producer channels and new consumer inputs get zero
+    weights, so the new channels carry a constant and contribute nothing: the same function. Parameters
+    get 0 (1 where 0 would divide: Div, Pow), so every new value stays finite."""
+    pads = {g: n for g, n in pads.items() if n > 0}
+    for s in an.slices:
+        if not {g for g, _ in s.space.segments} & pads.keys():
+            continue
+        value = np.asarray(model.constant_value(s.node.inputs[s.index]))
+        idx = padded_indices(s.space, pads)
+        fill = 1.0 if s.role == "param" and s.node.op in ("Div", "Pow") else 0.0
+        moved = np.moveaxis(value, s.axis, 0)
+        out = np.full((len(idx),) + moved.shape[1:], fill, dtype=value.dtype)
+        out[idx >= 0] = moved[idx[idx >= 0]]
+        base = (s.node.name or s.node.op.lower()) + f"_padded{s.index}"
+        s.node.inputs[s.index] = gs.Constant(model.unique_name(base), np.ascontiguousarray(np.moveaxis(out, 0, s.axis)))
+    for kind, node, space in an.fixes:
+        if not {g for g, _ in space.segments} & pads.keys():
+            continue
+        if kind == "group":
+            node.attrs["group"] = int(len(padded_indices(space, pads)))
+        elif kind == "reshape":
+            target = model.constant_value(node.inputs[1]).copy()
+            target[1] = len(padded_indices(an.spaces[node.outputs[0].name], pads))
+            node.inputs[1] = gs.Constant(model.unique_name((node.name or "reshape") + "_shape"), target)
+        elif kind == "split":
+            sizes = [len(padded_indices(an.spaces[o.name], pads)) for o in node.outputs]
+            if "split" in node.attrs:
+                node.attrs["split"] = sizes
+            else:
+                node.inputs[1] = gs.Constant(model.unique_name((node.name or "split") + "_sizes"),
+                                             np.asarray(sizes, np.int64))
+    tensors = model.tensors()
+    for name, space in an.spaces.items():
+        t = tensors.get(name)
+        if isinstance(t, gs.Variable) and {g for g, _ in space.segments} & pads.keys() \
+                and not model.is_graph_output(t) and not model.is_graph_input(t):
+            t.shape = None
+    model.invalidate()

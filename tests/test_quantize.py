@@ -748,3 +748,63 @@ def test_quantize_int8_warns_about_int8_depthwise_convs(channels, unaligned):
     warning = [w for w in report.warnings if "depthwise" in w]
     x86 = __import__("platform").machine().lower() in ("x86_64", "amd64")  # the 16-channel kernel is x86's
     assert len(warning) == 1 and ("not a multiple of 16" in warning[0]) == (bool(unaligned) and x86)
+
+
+def _pw_dw_pw(channels=24):
+    r = rng(12)
+    inits = [init("pw1.w", (r.standard_normal((channels, 8, 1, 1)) * 0.4).astype(np.float32)),
+             init("pw1.b", (r.standard_normal(channels) * 0.2).astype(np.float32)),
+             init("dw.w", (r.standard_normal((channels, 1, 3, 3)) * 0.4).astype(np.float32)),
+             init("dw.b", (r.standard_normal(channels) * 0.2).astype(np.float32)),
+             init("pw2.w", (r.standard_normal((8, channels, 1, 1)) * 0.3).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "pw1.w", "pw1.b"], ["a"], name="pw1"),
+             helper.make_node("HardSwish", ["a"], ["h"], name="hs"),
+             helper.make_node("Conv", ["h", "dw.w", "dw.b"], ["d"], name="dw", group=channels, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "pw2.w"], ["y"], name="pw2")]
+    return make_model(nodes, [("x", FLOAT, ["N", 8, 10, 10])], [("y", FLOAT, ["N", 8, 10, 10])], inits, opset=14)
+
+
+def test_quantize_int8_align_depthwise_pads_channels_with_zeros(tmp_path):
+    from passes.channel_groups import analyze, pad_groups
+
+    src = _pw_dw_pw(24)
+    # the padding alone is the same function: 8 zero channels through pw1 -> dw -> pw2
+    model = Model.from_proto(src)
+    an = analyze(model)
+    gid = next(g.gid for g in an.prunable() if any(p.name == "pw1" for p in g.producers))
+    pad_groups(model, an, {gid: 8})
+    padded = model.to_proto()
+    onnx.checker.check_model(padded, full_check=True)
+    shapes = {t.name: tuple(t.dims) for t in padded.graph.initializer}
+    assert {(32, 8, 1, 1), (32, 1, 3, 3), (8, 32, 1, 1)} <= set(shapes.values())
+    assert next(n for n in padded.graph.node if n.name == "dw").attribute[0].i == 32  # group follows
+    x = {"x": rng(2).standard_normal((2, 8, 10, 10)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(padded, x)[0], run_model(src, x)[0], rtol=1e-5, atol=1e-5)
+    # inside quantize-int8 (on by default on x86; forced here so the test runs everywhere)
+    np.savez(tmp_path / "calib.npz", x=rng(3).standard_normal((16, 8, 10, 10)).astype(np.float32))
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_depthwise=true"],
+                                        calibration=tmp_path / "calib.npz")
+    onnx.checker.check_model(out, full_check=True)
+    stats = report.passes[0].stats
+    assert stats["depthwise_channels_added"] == 8 and stats["depthwise_int8_unaligned"] == 0
+    assert report.parity.ok and report.parity.outputs[0].cosine > 0.999
+    assert fused_ops(out, tmp_path).count("QLinearConv") == 3
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_depthwise=false"],
+                                        calibration=tmp_path / "calib.npz")
+    assert "depthwise_channels_added" not in report.passes[0].stats
+    assert report.passes[0].stats["depthwise_int8_unaligned"] == 1
+
+
+def test_quantize_int8_align_depthwise_leaves_groups_it_cannot_resize():
+    # the depthwise output is the graph output: its channel count is part of the interface
+    r = rng(13)
+    inits = [init("pw.w", (r.standard_normal((24, 3, 1, 1)) * 0.4).astype(np.float32)),
+             init("dw.w", (r.standard_normal((24, 1, 3, 3)) * 0.4).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "pw.w"], ["a"], name="pw"),
+             helper.make_node("Conv", ["a", "dw.w"], ["y"], name="dw", group=24, pads=[1, 1, 1, 1])]
+    src = make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, ["N", 24, 8, 8])], inits)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_depthwise=true"])
+    assert "depthwise_channels_added" not in report.passes[0].stats and report.parity.ok
+    assert any(c == "dw" and r.startswith("depthwise channels not aligned to 16 (")
+               for c, r in report.passes[0].skipped)
