@@ -371,7 +371,8 @@ class ParityChecker:
     released once its outputs are computed: one session is alive at a time."""
 
     def __init__(self, reference: onnx.ModelProto | str | os.PathLike, data: CalibrationData, *,
-                 progress: Progress | None = None, threads: int | None = None):
+                 progress: Progress | None = None, threads: int | None = None,
+                 reference_threads: int | None = None):
         self._reference_path = os.fspath(reference) if isinstance(reference, (str, os.PathLike)) else None
         self._reference = None if self._reference_path else _as_proto(reference)
         self.data = data
@@ -379,7 +380,7 @@ class ParityChecker:
         self.threads = threads
         try:
             self._ref_session = make_session(self._reference_path or self._reference, optimize=False,
-                                             threads=threads, mem_arena=False)
+                                             threads=reference_threads or threads, mem_arena=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InputError(f"reference model does not load in onnxruntime ({_one_line(exc)})") from None
         self.output_names = [o.name for o in self._ref_session.get_outputs()]
