@@ -14,6 +14,7 @@ Shared (tied) weights are quantized once and the quantized tensor is shared too.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from typing import Any, Literal
 
@@ -768,7 +769,11 @@ class _RangeCollector:
                  activation_type: str = "uint8"):
         from onnxslim_kit.runtime import make_session
 
-        self.session = make_session(with_outputs(model_proto, names, infos), optimize=False)
+        # Half the CPUs: optimize() computes the parity reference in a background thread meanwhile
+        # (measured on 2 cores, busy machine: resnet_tiny quantize-int8 wall 0.60 -> 0.48 s with 1 thread
+        # here instead of onnxruntime's default 2).
+        threads = max(1, (os.cpu_count() or 2) // 2)
+        self.session = make_session(with_outputs(model_proto, names, infos), optimize=False, threads=threads)
         self.names = names
         self.data = data
         self.track = track
