@@ -72,6 +72,11 @@ class Tolerance:
             if key not in mapping:
                 raise ValueError(f"unknown tolerance key '{key}' (use one of {', '.join(mapping)})")
             changes[mapping[key]] = float(value)
+        if changes and not {"atol", "rtol"} & overrides.keys():
+            # A lossy bound asked for on its own replaces an exact one (keeping atol would fail every
+            # lossy candidate anyway); give atol/rtol too to keep both.
+            changes.setdefault("atol", None)
+            changes.setdefault("rtol", None)
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:

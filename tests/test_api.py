@@ -56,8 +56,9 @@ def test_api_pipeline_object_and_tolerance_object():
     assert report.parity.ok and report.tolerance.min_cosine == 0.999
     assert report.parity.outputs[0].cosine > 0.999 and report.parity.outputs[0].max_abs > 1e-6
     onnx.checker.check_model(proto, full_check=True)
-    # compare: a dict adds to the exact default (atol still checked), a Tolerance replaces it
-    strict = onnxslim_kit.compare(original, proto, tolerance={"cosine": 0.999})
+    # compare: a dict with a lossy key alone replaces the exact default; with atol too, both are checked
+    assert onnxslim_kit.compare(original, proto, tolerance={"cosine": 0.999}).ok
+    strict = onnxslim_kit.compare(original, proto, tolerance={"cosine": 0.999, "atol": 1e-6})
     assert not strict.ok and "atol" in strict.failures()[0]
     assert onnxslim_kit.compare(original, proto, tolerance=Tolerance(min_cosine=0.999)).ok
 

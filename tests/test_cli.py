@@ -216,3 +216,18 @@ def test_cli_pass_incompatible_with_model_is_a_usage_error(model_path, tmp_path)
     assert result.exit_code == 2 and not out.exists()
     assert result.output.strip() == ("error: quantize-weights: bits=2 needs opset >= 25 (INT2 "
                                      "DequantizeLinear); the model has 17")
+
+
+def test_cli_compare_lossy_tolerance_replaces_the_exact_bound(model_path, tmp_path):
+    """`compare A B --tolerance cosine=X` judges by cosine alone: the exact atol/rtol default no longer
+    fails a model that is close but not equal (give atol too to keep both)."""
+    proto = onnx.load(model_path)
+    for t in proto.graph.initializer:
+        if t.name == "conv.w":
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(w * 1.01, t.name))  # 1% off: not exact, cosine ~1
+    near = tmp_path / "near.onnx"
+    onnx.save(proto, near)
+    assert _invoke("compare", model_path, near).exit_code == 3
+    assert _invoke("compare", model_path, near, "--tolerance", "cosine=0.99").exit_code == 0
+    assert _invoke("compare", model_path, near, "--tolerance", "cosine=0.99", "--tolerance", "atol=1e-6").exit_code == 3
