@@ -581,34 +581,38 @@ def padded_indices(space: Space, pads: dict[int, int]) -> np.ndarray:
     return np.where(idx[:, None] < 0, -1, idx[:, None] * space.block + np.arange(space.block)[None, :]).reshape(-1)
 
 
-def pad_groups(model: Model, an: Analysis, pads: dict[int, int]) -> None:
-    """The inverse of pruning: append ``pads[gid]`` channels to each group, every weight and parameter tied
-    to them extended along the channel axis. New producer channels and new consumer inputs get zero
-    weights, so the new channels carry a constant and contribute nothing: the same function. Parameters
-    get 0 (1 where 0 would divide: Div, Pow), so every new value stays finite."""
-    pads = {g: n for g, n in pads.items() if n > 0}
+def resize_groups(model: Model, an: Analysis, groups, indices, suffix: str) -> None:
+    """Rewrite every weight, parameter, attribute and shape constant tied to ``groups`` so each channel
+    axis holds ``indices(space)``: source positions, -1 for a new channel (zero weights; parameters 0,
+    or 1 where 0 would divide: Div, Pow). Pruning passes the kept positions, padding appends -1s.
+    Weights are replaced, never modified in place."""
+    groups = set(groups)
+
+    def touched(space: Space) -> bool:
+        return bool({g for g, _ in space.segments} & groups)
+
     for s in an.slices:
-        if not {g for g, _ in s.space.segments} & pads.keys():
+        if not touched(s.space):
             continue
         value = np.asarray(model.constant_value(s.node.inputs[s.index]))
-        idx = padded_indices(s.space, pads)
+        idx = indices(s.space)
         fill = 1.0 if s.role == "param" and s.node.op in ("Div", "Pow") else 0.0
         moved = np.moveaxis(value, s.axis, 0)
         out = np.full((len(idx),) + moved.shape[1:], fill, dtype=value.dtype)
         out[idx >= 0] = moved[idx[idx >= 0]]
-        base = (s.node.name or s.node.op.lower()) + f"_padded{s.index}"
+        base = (s.node.name or s.node.op.lower()) + f"_{suffix}{s.index}"
         s.node.inputs[s.index] = gs.Constant(model.unique_name(base), np.ascontiguousarray(np.moveaxis(out, 0, s.axis)))
     for kind, node, space in an.fixes:
-        if not {g for g, _ in space.segments} & pads.keys():
+        if not touched(space):
             continue
         if kind == "group":
-            node.attrs["group"] = int(len(padded_indices(space, pads)))
+            node.attrs["group"] = int(len(indices(space)))
         elif kind == "reshape":
             target = model.constant_value(node.inputs[1]).copy()
-            target[1] = len(padded_indices(an.spaces[node.outputs[0].name], pads))
+            target[1] = len(indices(an.spaces[node.outputs[0].name]))
             node.inputs[1] = gs.Constant(model.unique_name((node.name or "reshape") + "_shape"), target)
         elif kind == "split":
-            sizes = [len(padded_indices(an.spaces[o.name], pads)) for o in node.outputs]
+            sizes = [len(indices(an.spaces[o.name])) for o in node.outputs]
             if "split" in node.attrs:
                 node.attrs["split"] = sizes
             else:
@@ -617,7 +621,15 @@ def pad_groups(model: Model, an: Analysis, pads: dict[int, int]) -> None:
     tensors = model.tensors()
     for name, space in an.spaces.items():
         t = tensors.get(name)
-        if isinstance(t, gs.Variable) and {g for g, _ in space.segments} & pads.keys() \
-                and not model.is_graph_output(t) and not model.is_graph_input(t):
+        if isinstance(t, gs.Variable) and touched(space) and not model.is_graph_output(t) \
+                and not model.is_graph_input(t):
             t.shape = None
     model.invalidate()
+
+
+def pad_groups(model: Model, an: Analysis, pads: dict[int, int]) -> None:
+    """The inverse of pruning: append ``pads[gid]`` channels to each group. New producer channels and
+    new consumer inputs get zero weights, so the new channels carry a constant and contribute nothing:
+    the same function, every new value finite."""
+    pads = {g: n for g, n in pads.items() if n > 0}
+    resize_groups(model, an, pads, lambda space: padded_indices(space, pads), "padded")

@@ -26,7 +26,7 @@ from onnxslim_kit.ir import Model
 from onnxslim_kit.pass_base import Pass, PassContext, PassResult, Tolerance, require_nodes
 from onnxslim_kit.registry import register_pass
 
-from .channel_groups import Analysis, Group, Space, analyze, channel_values, kept_indices
+from .channel_groups import Analysis, Group, Space, analyze, channel_values, kept_indices, resize_groups
 from .reconstruct import LeastSquaresFit, as_rows, layer_rows, stream_activations
 
 logger = logging.getLogger(__name__)
@@ -184,37 +184,8 @@ IMPORTANCE: dict[str, Importance] = {
 # -- applying a pruning plan -----------------------------------------------------------------------
 def apply_plan(model: Model, an: Analysis, kept: dict[int, np.ndarray]) -> None:
     """Slice every weight and parameter tied to the pruned groups and fix the attributes and shape
-    constants that carry channel counts. Weights are replaced, never modified in place."""
-    for s in an.slices:
-        if not {g for g, _ in s.space.segments} & kept.keys():
-            continue
-        value = model.constant_value(s.node.inputs[s.index])
-        new = np.ascontiguousarray(np.take(value, kept_indices(s.space, kept), axis=s.axis))
-        base = (s.node.name or s.node.op.lower()) + f"_pruned{s.index}"
-        s.node.inputs[s.index] = gs.Constant(model.unique_name(base), new)
-    for kind, node, space in an.fixes:
-        if not {g for g, _ in space.segments} & kept.keys():
-            continue
-        if kind == "group":
-            node.attrs["group"] = int(len(kept_indices(space, kept)))
-        elif kind == "reshape":
-            target = model.constant_value(node.inputs[1]).copy()
-            target[1] = len(kept_indices(an.spaces[node.outputs[0].name], kept))
-            node.inputs[1] = gs.Constant(model.unique_name((node.name or "reshape") + "_shape"), target)
-        elif kind == "split":
-            sizes = [len(kept_indices(an.spaces[o.name], kept)) for o in node.outputs]
-            if "split" in node.attrs:
-                node.attrs["split"] = sizes
-            else:
-                node.inputs[1] = gs.Constant(model.unique_name((node.name or "split") + "_sizes"),
-                                             np.asarray(sizes, np.int64))
-    tensors = model.tensors()
-    for name, space in an.spaces.items():
-        t = tensors.get(name)
-        if isinstance(t, gs.Variable) and {g for g, _ in space.segments} & kept.keys() \
-                and not model.is_graph_output(t) and not model.is_graph_input(t):
-            t.shape = None
-    model.invalidate()
+    constants that carry channel counts (channel_groups.resize_groups)."""
+    resize_groups(model, an, kept, lambda space: kept_indices(space, kept), "pruned")
 
 
 def _weight_matrix(node: gs.Node, w: np.ndarray) -> np.ndarray:

@@ -21,7 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_quantize import md_table  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.runtime import cpu_int8_dot_product, time_sessions  # noqa: E402
 
@@ -69,8 +71,7 @@ def main(argv=None) -> int:
                      f"{b / a:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
     header = ["conv", "channels", "spatial", "fp32 us/layer", "int8 us/layer", "int8/fp32"]
-    text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    text = md_table(header, rows)
     (ROOT / "tools" / "results" / "depthwise_int8.md").write_text(
         f"# int8 vs fp32 convolutions in onnxruntime (chains of {LAYERS}, batch 1, {args.threads} thread(s), "
         f"p10 of {args.rounds} interleaved rounds; CPU int8 dot product: {cpu_int8_dot_product()})\n\n" + text)

@@ -69,19 +69,36 @@ def outputs(path, feeds, threads, optimize=True):
         del sess
 
 
-def cosines(reference: str, variants: dict[str, str], feeds, threads) -> dict[str, list[float]]:
-    """Per-output cosine of each variant vs the reference (run unoptimized), over all feeds."""
+def _paired(reference: str, variants: dict[str, str], feeds, threads):
+    """(variant name, [(reference, variant) float64 arrays per output, all feeds concatenated]); the
+    reference runs unoptimized."""
     ref_out = outputs(reference, feeds, threads, optimize=False)
-    result = {}
     for name, path in variants.items():
         outs = outputs(path, feeds, threads)
-        cos = []
-        for k in range(len(ref_out[0])):
-            a = np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64)
-            b = np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64)
-            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-        result[name] = cos
-    return result
+        yield name, [(np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64),
+                      np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64))
+                     for k in range(len(ref_out[0]))]
+
+
+def cosines(reference: str, variants: dict[str, str], feeds, threads) -> dict[str, list[float]]:
+    """Per-output cosine of each variant vs the reference, over all feeds."""
+    return {name: [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in pairs]
+            for name, pairs in _paired(reference, variants, feeds, threads)}
+
+
+def snrs(reference: str, variants: dict[str, str], feeds, threads) -> dict[str, list[float]]:
+    """Per-output SNR (dB) of each variant vs the reference, over all feeds."""
+    def snr(a, b):
+        err = float(((a - b) ** 2).sum())
+        return float("inf") if err == 0 else 10 * np.log10(float((a ** 2).sum()) / err)
+
+    return {name: [snr(a, b) for a, b in pairs] for name, pairs in _paired(reference, variants, feeds, threads)}
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    return text + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
 def latencies(variants: dict[str, str], feed, threads: int, runs: int, rounds: int) -> dict[str, list[float]]:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quantize import cosines, latencies, outputs, size  # noqa: E402
+from bench_quantize import cosines, latencies, md_table, outputs, size, snrs  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
 
@@ -99,22 +99,6 @@ def accuracy(path, name):
         return None
     pred = outputs(path, feeds, 2)[0][0].argmax(-1)
     return float((pred == labels).mean())
-
-
-def snrs(reference: str, variants: dict[str, str], feeds, threads) -> dict[str, list[float]]:
-    """Per-output SNR (dB) of each variant vs the reference (run unoptimized), over all feeds."""
-    ref_out = outputs(reference, feeds, threads, optimize=False)
-    result = {}
-    for name, path in variants.items():
-        outs = outputs(path, feeds, threads)
-        values = []
-        for k in range(len(ref_out[0])):
-            a = np.concatenate([r[k].reshape(-1) for r in ref_out]).astype(np.float64)
-            b = np.concatenate([o[k].reshape(-1) for o in outs]).astype(np.float64)
-            err = float(((a - b) ** 2).sum())
-            values.append(float("inf") if err == 0 else 10 * np.log10(float((a ** 2).sum()) / err))
-        result[name] = values
-    return result
 
 
 def batched(paths: dict[str, str], feed: dict, args) -> dict[str, float] | None:
@@ -195,8 +179,7 @@ def main(argv=None) -> int:
         print("\n".join(" | ".join(r) for r in rows[-(len(paths) + 1):]), flush=True)
     header = ["model", "variant", "median ms", "vs fp32", f"batch {args.batch} vs fp32", "KiB", "min cosine",
               "min SNR dB", "top-1 agree", "accuracy", "tool s"]
-    text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    text = md_table(header, rows)
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     out = ROOT / "tools" / "results" / "static_int8_vs_ort.md"
