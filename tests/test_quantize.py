@@ -808,3 +808,20 @@ def test_quantize_int8_align_depthwise_leaves_groups_it_cannot_resize():
     assert "depthwise_channels_added" not in report.passes[0].stats and report.parity.ok
     assert any(c == "dw" and r.startswith("depthwise channels not aligned to 16 (")
                for c, r in report.passes[0].skipped)
+
+
+@pytest.mark.parametrize("act, kernel", [("LeakyRelu", "QLinearLeakyRelu"), ("Sigmoid", "QLinearSigmoid")])
+def test_quantize_int8_lookup_table_activations_stay_integer(tmp_path, act, kernel):
+    r = rng(17)
+    inits = [init("c1.w", (r.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32)),
+             init("c2.w", (r.standard_normal((8, 8, 1, 1)) * 0.4).astype(np.float32))]
+    attrs = {"alpha": 0.1} if act == "LeakyRelu" else {}
+    nodes = [helper.make_node("Conv", ["x", "c1.w"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node(act, ["a"], ["h"], name="act", **attrs),
+             helper.make_node("Conv", ["h", "c2.w"], ["y"], name="c2")]
+    src = make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, ["N", 8, 8, 8])], inits)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
+    onnx.checker.check_model(out, full_check=True)
+    assert report.parity.ok
+    fused = fused_ops(out, tmp_path)
+    assert kernel in fused and act not in fused and fused.count("DequantizeLinear") == 1
