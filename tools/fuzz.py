@@ -32,8 +32,10 @@ FLOAT = TensorProto.FLOAT
 
 
 def random_graph(seed: int) -> onnx.ModelProto:
-    """A random DAG of convs, BN, activations, residual adds, concats, transposes and reshapes."""
+    """A random DAG of convs (depthwise too), BN, activations (HardSwish/HardSigmoid/LeakyRelu included),
+    SE gates, residual adds, concats, transposes and reshapes."""
     rng = np.random.default_rng(seed)
+    opset = int(np.random.default_rng([seed, 1]).choice([13, 17, 21]))
     nodes, inits = [], []
     tensors = [("x", 3)]  # (name, channels); spatial 8x8, batch dynamic
     counter = [0]
@@ -52,7 +54,8 @@ def random_graph(seed: int) -> onnx.ModelProto:
 
     for _ in range(int(rng.integers(3, 12))):
         src, c = tensors[int(rng.integers(len(tensors)))]
-        op = rng.choice(["conv", "conv", "bn", "act", "add", "mul", "concat", "transpose", "reshape", "pad_conv"])
+        op = rng.choice(["conv", "conv", "bn", "act", "add", "mul", "concat", "transpose", "reshape", "pad_conv",
+                         "se"])
         out = name("t")
         as_node = bool(rng.random() < 0.2)
         if op in ("conv", "pad_conv"):
@@ -77,8 +80,17 @@ def random_graph(seed: int) -> onnx.ModelProto:
             nodes.append(helper.make_node("BatchNormalization", [src] + params, [out], name=name("bn")))
             tensors.append((out, c))
         elif op == "act":
-            nodes.append(helper.make_node(str(rng.choice(["Relu", "Sigmoid", "Identity", "Tanh"])), [src], [out],
-                                          name=name("act")))
+            kinds = ["Relu", "Sigmoid", "Identity", "Tanh", "HardSigmoid", "LeakyRelu"] + \
+                (["HardSwish"] if opset >= 14 else [])
+            nodes.append(helper.make_node(str(rng.choice(kinds)), [src], [out], name=name("act")))
+            tensors.append((out, c))
+        elif op == "se":  # squeeze-excitation gate: GAP -> 1x1 Conv -> HardSigmoid -> Mul
+            w = const("se_w", (rng.standard_normal((c, c, 1, 1)) * 0.3).astype(np.float32), as_node)
+            pooled, gate, sig = name("se_pool"), name("se_gate"), name("se_sig")
+            nodes += [helper.make_node("GlobalAveragePool", [src], [pooled], name=name("se_gap")),
+                      helper.make_node("Conv", [pooled, w], [gate], name=name("se_conv")),
+                      helper.make_node("HardSigmoid", [gate], [sig], name=name("se_hsig")),
+                      helper.make_node("Mul", [src, sig], [out], name=name("se_mul"))]
             tensors.append((out, c))
         elif op == "add":
             same = [t for t, ch in tensors if ch == c]
@@ -114,7 +126,7 @@ def random_graph(seed: int) -> onnx.ModelProto:
               helper.make_node("Gemm", [flat, fc_w, fc_b], ["logits"], name="fc", transB=1)]
     graph = helper.make_graph(nodes, f"fuzz{seed}", [helper.make_tensor_value_info("x", FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", FLOAT, ["N", 10])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(rng.choice([13, 17, 21])))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     return model
 
