@@ -137,13 +137,14 @@ def _weight_candidates(model: Model, op_types, exclude, min_elements: int, skipp
 
 @register_pass
 class QuantizeDynamic(Pass):
-    """Dynamic int8: int8 weights, uint8 activations quantized at run time (MatMul and Gemm).
+    """Dynamic int8: int8 weights, uint8 activations quantized at run time (MatMul, Gemm and LSTM).
 
     Options:
         per_channel: one weight scale per output column (true) or one per tensor (false)
         reduce_range: 7-bit weights (for CPUs without VNNI dot-product instructions)
-        op_types: which ops to quantize, '+'-separated (MatMul+Gemm+Gather; Gather = embedding tables,
-            stored int8 and dequantized after the lookup)
+        op_types: which ops to quantize, '+'-separated (MatMul+Gemm+Gather+LSTM; Gather = embedding
+            tables, stored int8 and dequantized after the lookup; LSTM = onnxruntime's
+            com.microsoft.DynamicQuantizeLSTM with int8 W and R)
         exclude: node names to keep in float, '+'-separated
         min_elements: skip weights smaller than this many elements (too small to pay off)
         min_cosine: parity bound this pass promises on the final outputs
@@ -158,10 +159,10 @@ class QuantizeDynamic(Pass):
                  min_elements: int = 1024, min_cosine: float = 0.99):
         self.per_channel = per_channel
         self.reduce_range = reduce_range
-        self.op_types = list(op_types) if op_types else ["MatMul", "Gemm", "Gather"]
-        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather"}
+        self.op_types = list(op_types) if op_types else ["MatMul", "Gemm", "Gather", "LSTM"]
+        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather", "LSTM"}
         if unknown:
-            raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} (MatMul, Gemm, Gather)")
+            raise ValueError(f"op_types: unsupported {', '.join(sorted(unknown))} (MatMul, Gemm, Gather, LSTM)")
         self.exclude = list(exclude) if exclude else []
         self.min_elements = min_elements
         self.min_cosine = min_cosine
@@ -222,9 +223,63 @@ class QuantizeDynamic(Pass):
                                                  inputs=[looked_up, s_t, zp_t], outputs=[out]))
                 done += 1
             model.invalidate()
+        if "LSTM" in self.op_types:
+            for node in list(model.nodes):
+                if node.op == "LSTM" and (node.domain or "") in ("", "ai.onnx"):
+                    saved = self._lstm(model, node, skipped)
+                    if saved:
+                        done += 1
+                        weight_bytes_before += saved[0]
+                        weight_bytes_after += saved[1]
+        for node in model.nodes:
+            if node.op == "Attention" and node.domain == "com.microsoft":
+                skipped.append((node.name or "<Attention>", "com.microsoft Attention kept in float (not quantized "
+                                                             "by this pass; export the unfused MatMuls instead)"))
         stats = {"nodes_quantized": done, "weights_quantized": len(cache),
                  "weight_bytes_before": weight_bytes_before, "weight_bytes_after": weight_bytes_after}
         return PassResult(model, done > 0, stats, skipped)
+
+    def _lstm(self, model: Model, node: gs.Node, skipped: list) -> tuple[int, int] | None:
+        """LSTM -> com.microsoft.DynamicQuantizeLSTM: W [dirs, 4H, in] and R [dirs, 4H, H] quantized to
+        int8 (symmetric, one scale per gate row, or per direction), stored transposed as the contrib op
+        reads them ([dirs, in, 4H], [dirs, H, 4H]); the input is quantized at run time inside the op."""
+        label = node.name or "<LSTM>"
+        if node.name in self.exclude:
+            skipped.append((label, "excluded by option"))
+            return None
+        if int(node.attrs.get("layout", 0)) != 0:
+            skipped.append((label, "LSTM with layout=1 kept in float (DynamicQuantizeLSTM reads layout 0)"))
+            return None
+        w, r = (model.constant_value(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2))
+        if w is None or r is None or w.dtype != np.float32 or r.dtype != np.float32 or w.ndim != 3 or r.ndim != 3:
+            skipped.append((label, "LSTM weights W/R are not constant 3-D float32 tensors"))
+            return None
+        if w.size + r.size < self.min_elements:
+            skipped.append((label, f"weights have {w.size + r.size} elements < min_elements={self.min_elements}"))
+            return None
+        base = node.name or model.unique_name("lstm")
+        new_inputs = [node.inputs[0]]
+        scales = []
+        for name, value in (("W", w), ("R", r)):
+            dirs, rows, cols = value.shape
+            flat = value.reshape(dirs * rows, cols) if self.per_channel else value.reshape(dirs, rows * cols)
+            q, scale = quantize_weight_symmetric(flat, axis=0, reduce_range=self.reduce_range)
+            q = q.reshape(dirs, rows, cols).transpose(0, 2, 1)
+            shape = (dirs, rows) if self.per_channel else (dirs,)
+            new_inputs.append(gs.Constant(model.unique_name(f"{base}_{name}_quantized"), np.ascontiguousarray(q)))
+            scales += [gs.Constant(model.unique_name(f"{base}_{name}_scale"), scale.reshape(shape).astype(np.float32)),
+                       gs.Constant(model.unique_name(f"{base}_{name}_zero_point"), np.zeros(shape, np.int8))]
+        for i in range(3, 8):  # B, sequence_lens, initial_h, initial_c, P
+            new_inputs.append(node.inputs[i] if len(node.inputs) > i else gs.Variable.empty())
+        attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
+        quant = gs.Node("DynamicQuantizeLSTM", model.unique_name(base + "_quant"), attrs=attrs,
+                        inputs=new_inputs + scales, outputs=list(node.outputs), domain="com.microsoft")
+        node.inputs.clear()
+        node.outputs.clear()
+        model.graph.nodes.remove(node)
+        model.graph.nodes.append(quant)
+        model.invalidate()
+        return w.nbytes + r.nbytes, w.size + r.size + sum(s.values.nbytes for s in scales[0::2])
 
     @staticmethod
     def _rewrite(model: Model, node: gs.Node, q_t: gs.Constant, zp_t: gs.Constant, scale: np.ndarray,

@@ -825,3 +825,45 @@ def test_quantize_int8_lookup_table_activations_stay_integer(tmp_path, act, kern
     assert report.parity.ok
     fused = fused_ops(out, tmp_path)
     assert kernel in fused and act not in fused and fused.count("DequantizeLinear") == 1
+
+
+def _lstm_model(directions=1, hidden=32, inp=16):
+    r = rng(31)
+    w = (r.standard_normal((directions, 4 * hidden, inp)) * 0.2).astype(np.float32)
+    rr = (r.standard_normal((directions, 4 * hidden, hidden)) * 0.2).astype(np.float32)
+    b = (r.standard_normal((directions, 8 * hidden)) * 0.1).astype(np.float32)
+    direction = "bidirectional" if directions == 2 else "forward"
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "y_h"], name="lstm", hidden_size=hidden,
+                              direction=direction)]
+    return make_model(nodes, [("x", FLOAT, ["T", "N", inp])],
+                      [("y", FLOAT, ["T", directions, "N", hidden]), ("y_h", FLOAT, [directions, "N", hidden])],
+                      [init("W", w), init("R", rr), init("B", b)])
+
+
+@pytest.mark.parametrize("directions, per_channel", [(1, True), (2, True), (2, False)])
+def test_quantize_dynamic_lstm_becomes_dynamic_quantize_lstm(tmp_path, directions, per_channel):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = _lstm_model(directions)
+    x = {"x": rng(4).standard_normal((12, 2, 16)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", **x)
+    out, report = onnxslim_kit.optimize(src, passes=[f"quantize-dynamic:per_channel={str(per_channel).lower()}"],
+                                        calibration=tmp_path / "calib.npz")
+    onnx.checker.check_model(out, full_check=True)
+    assert report.passes[0].stats["nodes_quantized"] == 1 and report.parity.ok
+    assert [n.op_type for n in out.graph.node] == ["DynamicQuantizeLSTM"]
+    assert report.passes[0].stats["weight_bytes_after"] < report.passes[0].stats["weight_bytes_before"] / 3
+    # as accurate as onnxruntime's own quantize_dynamic on the same model
+    onnx.save(src, tmp_path / "src.onnx")
+    quantize_dynamic(tmp_path / "src.onnx", tmp_path / "ort.onnx", weight_type=QuantType.QInt8, per_channel=per_channel)
+    ref = run_model(src, x)
+    ours_err = np.abs(run_model(out, x)[0] - ref[0]).max()
+    ort_err = np.abs(run_model(onnx.load(tmp_path / "ort.onnx"), x)[0] - ref[0]).max()
+    assert ours_err <= ort_err * 1.05 + 1e-6
+
+
+def test_quantize_dynamic_lstm_excluded_stays_float():
+    src = _lstm_model()
+    for spec, reason in (("quantize-dynamic:exclude=lstm", "excluded by option"),):
+        out, report = onnxslim_kit.optimize(src, passes=[spec])
+        assert ("lstm", reason) in report.passes[0].skipped and out.graph.node[0].op_type == "LSTM"
