@@ -772,6 +772,19 @@ _REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 _SHARE_SCALE = ("Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
 
 
+def _fed_by(model: Model, tensor: gs.Tensor, compute: set[str], depth: int = 8) -> bool:
+    """Whether ``tensor`` comes from one of the ``compute`` nodes (this pass quantizes them) through ops
+    that stay quantized after it (Add/Mul/pools/Concat, data movement, Relu/Clip, HardSwish parts)."""
+    src = tensor.inputs[0] if tensor.inputs else None
+    if src is None or depth == 0:
+        return False
+    if src.name in compute:
+        return True
+    if src.op in _QUANT_FRIENDLY + _SHARE_SCALE + _REMOVABLE_ACTIVATIONS + _DECOMPOSED:
+        return any(_fed_by(model, t, compute, depth - 1) for t in src.inputs if model.constant_value(t) is None)
+    return False
+
+
 def _scalar_operand(model: Model, node: gs.Node) -> tuple[int, float] | None:
     """(index, value) of the one scalar float constant input of a binary node whose other input is an
     activation; None otherwise."""
@@ -1428,8 +1441,7 @@ class QuantizeInt8(Pass):
                 skipped.append((node.name, f"{node.op} kept in float (excluded by option)"))
                 continue
             x, y = node.inputs[0], node.outputs[0]
-            src = x.inputs[0] if x.inputs else None
-            if src is None or not (src.name in producers_ok or src.op in _QUANT_FRIENDLY):
+            if not _fed_by(model, x, producers_ok):
                 continue  # its input stays float: nothing to gain
             if node.op == "HardSwish":
                 alpha, beta, times_x = 1.0 / 6.0, 0.5, True
@@ -1517,15 +1529,13 @@ class QuantizeInt8(Pass):
         input (after GlobalAveragePool) needs no weight change; otherwise every reader must be a
         MatMul / Gemm(transA=0) whose constant weight nobody else reads."""
         producers_ok = {n.name for n in self._select(model, [])}
-        friendly = _QUANT_FRIENDLY + _SHARE_SCALE + _REMOVABLE_ACTIVATIONS
         infos = None
         count = 0
         for node in list(model.nodes):
             if node.op != "Flatten" or int(node.attrs.get("axis", 1)) != 1 or node.name in self.exclude:
                 continue
             x = node.inputs[0]
-            src = model.producer(x)
-            if src is None or not (src.name in producers_ok or src.op in friendly):
+            if not _fed_by(model, x, producers_ok):
                 continue
             infos = infos if infos is not None else model.value_infos()
             dims = input_dims(infos[x.name]) if x.name in infos else []
