@@ -360,7 +360,8 @@ def equalize_activations(model: Model, ctx: PassContext, skipped: list[tuple[str
         spread_before.append(float(r_max.max() / np.median(r_max[live])))
         if a is None:
             spread_after.append(spread_before[-1])
-            skipped.append((_label(first), "not equalized: no rescaling lowers the expected quantization noise"))
+            skipped.append((_label(first), "not equalized: no rescaling lowers the expected quantization noise "
+                                           "by 1 dB or more"))
             continue
         ra = r_max / s
         ratios.append(noise[best] / noise[0])
