@@ -897,7 +897,8 @@ class QuantizeInt8(Pass):
         equalize: cross-layer equalization of Conv -> Relu -> Conv pairs first (exact): true or weights
             equalizes their weight ranges (helps most with per_channel=false); activations equalizes the
             per-channel ranges of the tensor between them (calibrated) against the second Conv's weights,
-            per pair as far as it lowers the expected int8 noise (helps the per-tensor activation grid)
+            per pair as far as it lowers the expected int8 noise (helps the per-tensor activation grid);
+            both: weights, then activations
         bias_correction: subtract the expected output shift caused by weight rounding from each bias
             (input means from the calibration data)
         smoothquant: SmoothQuant alpha (e.g. 0.5) for MatMul/Gemm inputs: activation outliers moved
@@ -915,7 +916,7 @@ class QuantizeInt8(Pass):
                  activation_type: Literal["uint8", "int8", "int16"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
                  keep_first_last: bool = False, target_cosine: float | None = None,
-                 equalize: Literal["false", "true", "weights", "activations"] = "false",
+                 equalize: Literal["false", "true", "weights", "activations", "both"] = "false",
                  bias_correction: bool = False, smoothquant: float | None = None, min_cosine: float = 0.99,
                  int16_nodes: list[str] | None = None, exclude_op_types: list[str] | None = None,
                  include: list[str] | None = None):
@@ -924,8 +925,8 @@ class QuantizeInt8(Pass):
             raise ValueError("smoothquant (alpha) must be in [0, 1]")
         if isinstance(equalize, bool):  # Python callers: equalize=True is the weight CLE
             equalize = "true" if equalize else "false"
-        if equalize not in ("false", "true", "weights", "activations"):
-            raise ValueError("equalize must be false, true (= weights), weights or activations")
+        if equalize not in ("false", "true", "weights", "activations", "both"):
+            raise ValueError("equalize must be false, true (= weights), weights, activations or both")
         self.equalize = equalize
         self._equalize_mode = {"false": None, "true": "weights"}.get(equalize, equalize)
         self.bias_correction, self.smoothquant = bias_correction, smoothquant
@@ -1045,10 +1046,16 @@ class QuantizeInt8(Pass):
         weights exactly as _quantize_weights will round them (passes/quant_aids.py)."""
         stats: dict[str, float] = {}
         undo: dict = {}
-        if self._equalize_mode == "weights":
+        if self._equalize_mode in ("weights", "both"):
             stats.update(quant_aids.equalize(model, skipped))
-        elif self._equalize_mode == "activations":
-            stats.update(quant_aids.equalize_activations(model, ctx, skipped, per_channel=per_channel))
+        if self._equalize_mode in ("activations", "both"):
+            act_skipped = [] if self._equalize_mode == "both" else skipped  # "both": one list of pair reasons
+            act_stats = quant_aids.equalize_activations(model, ctx, act_skipped, per_channel=per_channel)
+            if self._equalize_mode == "both":
+                skipped.extend((node, "activation step of equalize=both: " + reason.split("not equalized: ")[-1])
+                               for node, reason in act_skipped if "quantization noise" in reason)
+                act_stats["pairs_equalized_activations"] = act_stats.pop("pairs_equalized")
+            stats.update(act_stats)
         if self.smoothquant is not None:
             names = [n.name for n in self._select(model, []) if n.op in ("MatMul", "Gemm")]
             stats.update(quant_aids.smooth_quant(model, ctx, self.smoothquant, names, skipped))
