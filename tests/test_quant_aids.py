@@ -437,3 +437,17 @@ def test_equalize_activations_needs_calibration_and_keeps_weights_mode_default()
                          calibration=[{"x": rng(4).standard_normal((2, 4, 6, 6)).astype(np.float32)}])
     assert rec.stats["pairs_equalized"] == 2 and "equalize_sweeps" in rec.stats
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_quantize_int8_equalize_both_runs_weight_cle_then_activation_step(tmp_path):
+    proto, calib = _imbalanced_block(), _block_calibration()
+    x = {"x": rng(98).standard_normal((32, 8, 6, 6)).astype(np.float32)}
+    ref = run_model(proto, x)[0]
+    plain, _ = onnxslim_kit.optimize(proto, passes=["quantize-int8"], calibration=calib, check="off")
+    out, report = onnxslim_kit.optimize(proto, passes=["quantize-int8:equalize=both"], calibration=calib, check="off")
+    stats = report.passes[0].stats
+    assert stats["pairs_equalized"] == 2 and stats["equalize_sweeps"] >= 1  # the weight CLE ran
+    assert "pairs_equalized_activations" in stats                          # then the activation step
+    onnx.checker.check_model(out, full_check=True)
+    assert fused_ops(out, tmp_path).count("QLinearConv") == 3
+    assert _snr_db(ref, run_model(out, x)[0]) > _snr_db(ref, run_model(plain, x)[0]) + 6
