@@ -451,3 +451,13 @@ def test_quantize_int8_equalize_both_runs_weight_cle_then_activation_step(tmp_pa
     onnx.checker.check_model(out, full_check=True)
     assert fused_ops(out, tmp_path).count("QLinearConv") == 3
     assert _snr_db(ref, run_model(out, x)[0]) > _snr_db(ref, run_model(plain, x)[0]) + 6
+
+
+def test_equalize_activations_is_exact_through_leaky_relu_and_skips_clip():
+    calib = [{"x": rng(20 + i).standard_normal((2, 3, 8, 8)).astype(np.float32)} for i in range(2)]
+    proto = _conv_pair("LeakyRelu")
+    out, rec = _run_pass(proto, "equalize:mode=activations,alpha=1.0", calibration=calib)
+    assert rec.stats["pairs_equalized"] == 1  # LeakyRelu(x / s) = LeakyRelu(x) / s for s > 0
+    assert_parity(proto, out, {"x": rng(21).standard_normal((2, 3, 8, 8)).astype(np.float32)}, atol=1e-4, rtol=1e-4)
+    out, rec = _run_pass(_conv_pair("Clip"), "equalize:mode=activations", calibration=calib)
+    assert not rec.modified and "scale-equivariant" in dict(rec.skipped)["conv1"]
