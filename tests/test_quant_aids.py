@@ -461,3 +461,12 @@ def test_equalize_activations_is_exact_through_leaky_relu_and_skips_clip():
     assert_parity(proto, out, {"x": rng(21).standard_normal((2, 3, 8, 8)).astype(np.float32)}, atol=1e-4, rtol=1e-4)
     out, rec = _run_pass(_conv_pair("Clip"), "equalize:mode=activations", calibration=calib)
     assert not rec.modified and "scale-equivariant" in dict(rec.skipped)["conv1"]
+
+
+def test_quantize_int8_equalize_true_in_a_toml_recipe_is_still_the_weight_cle(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[pass]]\nname = "quantize-int8"\nequalize = true\n\n'
+                      '[[pass]]\nname = "equalize"\nmode = "activations"\n')
+    quantize, equalize = Pipeline.from_recipe(recipe).passes
+    assert quantize.options()["equalize"] == "true" and quantize._equalize_mode == "weights"
+    assert equalize.options()["mode"] == "activations"
