@@ -156,6 +156,8 @@ def convert_value(value: Any, annotation: Any) -> Any:
     origin = get_origin(inner)
     if origin is Literal:
         choices = get_args(inner)
+        if isinstance(value, bool):  # a TOML true/false for a choice that spells them "true"/"false"
+            value = str(value).lower()
         for choice in choices:
             if str(choice) == str(value):
                 return choice

