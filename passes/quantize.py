@@ -1024,9 +1024,10 @@ class QuantizeInt8(Pass):
         smoothquant: SmoothQuant alpha (e.g. 0.5) for MatMul/Gemm inputs: activation outliers moved
             into the weights (folded into a preceding LayerNormalization, else a Mul is inserted)
         min_cosine: parity bound this pass promises on the final outputs
-        align_depthwise: pad the channels of quantized depthwise Convs to a multiple of 16 with
-            zero channels (the same function), so onnxruntime uses its faster x86 int8 depthwise
-            kernel (default: on x86 CPUs; only channel groups that prune-channels could also resize)
+        align_channels: pad channel groups with zero channels (the same function) where onnxruntime's
+            fast x86 int8 convolution kernels need it: depthwise groups to a multiple of 16, groups of
+            dense Convs narrower than 16 channels to 16 (default: on x86 CPUs; only groups that
+            prune-channels could also resize)
     """
 
     name = "quantize-int8"
@@ -1042,9 +1043,9 @@ class QuantizeInt8(Pass):
                  equalize: Literal["false", "true", "weights", "activations", "both"] = "false",
                  bias_correction: bool = False, smoothquant: float | None = None, min_cosine: float = 0.99,
                  int16_nodes: list[str] | None = None, exclude_op_types: list[str] | None = None,
-                 include: list[str] | None = None, align_depthwise: bool | None = None):
+                 include: list[str] | None = None, align_channels: bool | None = None):
         self.calibration, self.percentile = calibration, percentile
-        self.align_depthwise = align_depthwise
+        self.align_channels = align_channels
         if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
             raise ValueError("smoothquant (alpha) must be in [0, 1]")
         if isinstance(equalize, bool):  # Python callers: equalize=True is the weight CLE
@@ -1154,9 +1155,9 @@ class QuantizeInt8(Pass):
         decomposed = self._decompose(model, skipped)
         if decomposed:
             stats_extra["activations_decomposed"] = decomposed
-        aligned = self._align_depthwise(model, skipped)
+        aligned = self._align_channels(model, skipped)
         if aligned:
-            stats_extra["depthwise_channels_added"] = aligned
+            stats_extra["channels_added"] = aligned
         flattened = self._nhwc_flatten(model) if self.activation_type != "int16" else 0
         if flattened:
             stats_extra["flatten_to_nhwc"] = flattened
@@ -1501,27 +1502,33 @@ class QuantizeInt8(Pass):
             model.toposort()
         return count
 
-    def _align_depthwise(self, model: Model, skipped: list) -> int:
-        """Zero channels appended to the channel groups of quantized depthwise Convs whose channel count is
-        not a multiple of 16: onnxruntime's x86 int8 depthwise kernel (MLAS ConvSym) needs that, and
-        otherwise falls back to a slower one (tools/bench_depthwise.py: 120 channels 22 us, 128 channels
-        9.6 us per 5x5 layer). Returns the number of channels added."""
+    def _align_channels(self, model: Model, skipped: list) -> int:
+        """Zero channels appended (channel_groups.pad_groups: the same function) where onnxruntime's x86
+        int8 convolution kernels (MLAS ConvSym) need a channel count they otherwise fall back from:
+        - the channel group of a quantized depthwise Conv, up to a multiple of 16 (tools/bench_depthwise.py:
+          120 channels 22 us, 128 channels 9.6 us per 5x5 layer);
+        - a group produced by quantized dense Convs with fewer than 16 channels, up to 16 (a chain of 3x3
+          Convs at 32x32: 8 channels 30.7 us, 16 channels 21.3 us per layer).
+        Only groups prune-channels could also resize (their channel count is not part of the interface).
+        Returns the number of channels added."""
         from passes.channel_groups import analyze, is_depthwise, pad_groups
 
-        on = self.align_depthwise
+        on = self.align_channels
         if on is None:
             on = platform.machine().lower() in ("x86_64", "amd64")
-        if not on or self.activation_type == "int16" or self.int16_nodes:
-            return 0
+        if not on or self.activation_type == "int16" or self.int16_nodes or self.target_cosine is not None:
+            return 0  # target_cosine: the fallback may keep padded layers in float (slower, for nothing)
         selected = {n.name for n in self._select(model, [])}
-        wanted = [n for n in model.nodes if n.name in selected and is_depthwise(model, n)
-                  and int(n.attrs.get("group", 1)) % 16]
-        if not wanted:
+        depthwise = [n for n in model.nodes if n.name in selected and is_depthwise(model, n)
+                     and int(n.attrs.get("group", 1)) % 16]
+        narrow = [n for n in model.nodes if n.name in selected and n.op == "Conv"
+                  and int(n.attrs.get("group", 1)) == 1 and model.constant_value(n.inputs[1]).shape[0] < 16]
+        if not depthwise and not narrow:
             return 0
         an = analyze(model)
-        spaces = {id(node): space for kind, node, space in an.fixes if kind == "group"}
         pads: dict[int, int] = {}
-        for node in wanted:
+        spaces = {id(node): space for kind, node, space in an.fixes if kind == "group"}
+        for node in depthwise:
             space = spaces.get(id(node))
             gid = space.segments[-1][0] if space is not None and space.block == 1 else None
             group = an.groups.get(gid) if gid is not None else None
@@ -1529,8 +1536,16 @@ class QuantizeInt8(Pass):
                 why = "; ".join(group.reasons) if group is not None and group.reasons else "channels not traced"
                 skipped.append((node.name, f"depthwise channels not aligned to 16 ({why})"))
                 continue
-            if gid not in pads:
-                pads[gid] = (-space.size) % 16
+            pads.setdefault(gid, (-space.size) % 16)
+        owner = {id(p): g for g in an.groups.values() for p in g.producers}
+        for node in narrow:
+            group = owner.get(id(node))
+            if group is None or group.gid in pads:
+                continue
+            if group.reasons or not all(p.name in selected for p in group.producers):
+                continue  # left as it is: only an alignment, nothing to report as skipped
+            pads[group.gid] = 16 - group.channels if group.channels < 16 else 0
+        pads = {g: n for g, n in pads.items() if n}
         if not pads:
             return 0
         pad_groups(model, an, pads)

@@ -396,8 +396,8 @@ def test_quantize_int8_bias_overflow_keeps_bias_value_when_scale_raised(per_chan
     for t in proto.graph.initializer:
         if t.name == "conv.b":
             t.CopyFrom(onnx.numpy_helper.from_array(bias, "conv.b"))
-    out, report = onnxslim_kit.optimize(proto, passes=[f"quantize-int8:per_channel={str(per_channel).lower()}"],
-                                        check="off")
+    out, report = onnxslim_kit.optimize(  # align_channels off: the test reads the bias by its name
+        proto, passes=[f"quantize-int8:per_channel={str(per_channel).lower()},align_channels=false"], check="off")
     assert report.passes[0].stats["bias_scales_raised"] > 0
     onnx.checker.check_model(out, full_check=True)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
@@ -765,7 +765,7 @@ def _pw_dw_pw(channels=24):
     return make_model(nodes, [("x", FLOAT, ["N", 8, 10, 10])], [("y", FLOAT, ["N", 8, 10, 10])], inits, opset=14)
 
 
-def test_quantize_int8_align_depthwise_pads_channels_with_zeros(tmp_path):
+def test_quantize_int8_align_channels_pads_channels_with_zeros(tmp_path):
     from passes.channel_groups import analyze, pad_groups
 
     src = _pw_dw_pw(24)
@@ -783,20 +783,20 @@ def test_quantize_int8_align_depthwise_pads_channels_with_zeros(tmp_path):
     np.testing.assert_allclose(run_model(padded, x)[0], run_model(src, x)[0], rtol=1e-5, atol=1e-5)
     # inside quantize-int8 (on by default on x86; forced here so the test runs everywhere)
     np.savez(tmp_path / "calib.npz", x=rng(3).standard_normal((16, 8, 10, 10)).astype(np.float32))
-    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_depthwise=true"],
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_channels=true"],
                                         calibration=tmp_path / "calib.npz")
     onnx.checker.check_model(out, full_check=True)
     stats = report.passes[0].stats
-    assert stats["depthwise_channels_added"] == 8 and stats["depthwise_int8_unaligned"] == 0
+    assert stats["channels_added"] == 8 and stats["depthwise_int8_unaligned"] == 0
     assert report.parity.ok and report.parity.outputs[0].cosine > 0.999
     assert fused_ops(out, tmp_path).count("QLinearConv") == 3
-    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_depthwise=false"],
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_channels=false"],
                                         calibration=tmp_path / "calib.npz")
-    assert "depthwise_channels_added" not in report.passes[0].stats
+    assert "channels_added" not in report.passes[0].stats
     assert report.passes[0].stats["depthwise_int8_unaligned"] == 1
 
 
-def test_quantize_int8_align_depthwise_leaves_groups_it_cannot_resize():
+def test_quantize_int8_align_channels_leaves_groups_it_cannot_resize():
     # the depthwise output is the graph output: its channel count is part of the interface
     r = rng(13)
     inits = [init("pw.w", (r.standard_normal((24, 3, 1, 1)) * 0.4).astype(np.float32)),
@@ -804,8 +804,8 @@ def test_quantize_int8_align_depthwise_leaves_groups_it_cannot_resize():
     nodes = [helper.make_node("Conv", ["x", "pw.w"], ["a"], name="pw"),
              helper.make_node("Conv", ["a", "dw.w"], ["y"], name="dw", group=24, pads=[1, 1, 1, 1])]
     src = make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, ["N", 24, 8, 8])], inits)
-    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_depthwise=true"])
-    assert "depthwise_channels_added" not in report.passes[0].stats and report.parity.ok
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_channels=true"])
+    assert "channels_added" not in report.passes[0].stats and report.parity.ok
     assert any(c == "dw" and r.startswith("depthwise channels not aligned to 16 (")
                for c, r in report.passes[0].skipped)
 
@@ -867,3 +867,19 @@ def test_quantize_dynamic_lstm_excluded_stays_float():
     for spec, reason in (("quantize-dynamic:exclude=lstm", "excluded by option"),):
         out, report = onnxslim_kit.optimize(src, passes=[spec])
         assert ("lstm", reason) in report.passes[0].skipped and out.graph.node[0].op_type == "LSTM"
+
+
+def test_quantize_int8_align_channels_widens_narrow_dense_groups(tmp_path):
+    """A Conv chain 8 channels wide gets 8 zero channels (onnxruntime's fast x86 int8 conv needs >= 16):
+    same outputs, QLinearConv everywhere; with the sensitivity fallback nothing is padded (layers it keeps
+    in float would carry the zero channels for nothing)."""
+    src = conv_bn_relu(channels=8)
+    out, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:align_channels=true"])
+    onnx.checker.check_model(out, full_check=True)
+    assert report.passes[1].stats["channels_added"] == 8 and report.parity.ok
+    conv_w = next(n.input[1] for n in out.graph.node if n.op_type == "Conv")
+    dq = next(n for n in out.graph.node if n.output[0] == conv_w)
+    assert next(t for t in out.graph.initializer if t.name == dq.input[0]).dims[0] == 16
+    assert "QLinearConv" in fused_ops(out, tmp_path)
+    _, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:align_channels=true,target_cosine=0.9"])
+    assert "channels_added" not in report.passes[1].stats
