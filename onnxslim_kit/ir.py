@@ -552,11 +552,14 @@ class Model:
         }
 
     def toposort(self) -> None:
-        """Iterative, stable Kahn sort of the main graph, its subgraphs and local functions."""
+        """Iterative, stable Kahn sort of the main graph, its subgraphs and local functions (a list that
+        is already in order is kept as it is, without the sort)."""
         for graph in _all_graphs(self.graph):
-            graph.nodes = _kahn(graph.nodes)
+            if not _in_order(graph.nodes):
+                graph.nodes = _kahn(graph.nodes)
         for fn in getattr(self.graph, "functions", []) or []:
-            fn.nodes = _kahn(fn.nodes)
+            if not _in_order(fn.nodes):
+                fn.nodes = _kahn(fn.nodes)
         self.invalidate()
 
     # -- export --------------------------------------------------------------------------------
@@ -904,6 +907,21 @@ def _subgraph_outer_refs(node: gs.Node) -> list[gs.Tensor]:
                         if id(t) not in defined:
                             refs.append(t)
     return refs
+
+
+def _in_order(nodes: list[gs.Node]) -> bool:
+    """Every node's inputs are produced before it (no control flow: those go through _kahn)."""
+    produced = {id(o) for n in nodes for o in n.outputs}
+    seen: set[int] = set()
+    for node in nodes:
+        for a in node.attrs.values():
+            if isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a)):
+                return False
+        for t in node.inputs:
+            if id(t) in produced and id(t) not in seen:
+                return False
+        seen.update(id(o) for o in node.outputs)
+    return True
 
 
 def _kahn(nodes: list[gs.Node]) -> list[gs.Node]:
