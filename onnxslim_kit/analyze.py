@@ -164,6 +164,7 @@ class AnalysisReport:
     latency: bool = False
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    layer_weights: dict[str, int] = field(default_factory=dict)  # elements of each layer's constant weight
 
     def ranked(self) -> list[Evaluation]:
         return sorted(self.evaluations, key=lambda e: e.sort_key())
@@ -499,6 +500,10 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
                 node.name = base_model.unique_name(node.op.lower())
             layers.append((node.name, node.op))
     base_proto = base_model.to_proto()
+    init_sizes = {t.name: int(np.prod(t.dims)) for t in base_proto.graph.initializer}
+    layer_names = {layer for layer, _ in layers}
+    layer_weights = {n.name: init_sizes[n.input[1]] for n in base_proto.graph.node
+                     if n.name in layer_names and len(n.input) > 1 and n.input[1] in init_sizes}
     fingerprint = base_model.fingerprint()
     orig_stats = model_stats(original, shapes or None)
     base_stats = model_stats(base_proto, shapes or None)
@@ -585,4 +590,5 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
         original={"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes},
         calibration_source=data.source, calibration_is_random=data.is_random, calibration_id=calib_id,
         model_fingerprint=fingerprint, workers=workers, computed=computed, reused=len(tasks) - len(todo),
-        cache=store.path, latency=latency, seconds=time.perf_counter() - start, warnings=warnings)
+        cache=store.path, latency=latency, seconds=time.perf_counter() - start, warnings=warnings,
+        layer_weights=layer_weights)
