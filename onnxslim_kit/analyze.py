@@ -453,7 +453,9 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     from .usermetric import load_labels, parse_metric, sample_counts
 
     start = time.perf_counter()
-    scorer = parse_metric(metric) if (metric is not None or labels is not None) else None
+    scorer = None
+    if metric is not None or labels is not None:
+        scorer = parse_metric(metric if metric is not None else "top1")
     specs = [_normalise_technique(t) for t in (techniques or DEFAULT_TECHNIQUES)]
     specs = list(dict.fromkeys(specs))
     if workers is None:
