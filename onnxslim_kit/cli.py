@@ -189,8 +189,11 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,
              seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, holdout,
              max_verifications, save_recipe, cache, quiet):
-    """Optimize MODEL and write it to OUTPUT if it passes the parity gate (or, with --target, if the
-    searched plan meets the target)."""
+    """Optimize MODEL and write it to OUTPUT if it passes the parity gate.
+
+    With a target (accuracy_drop, size or latency), a per-layer plan is searched instead and written
+    only if its end-to-end verification meets the target.
+    """
     from .api import optimize as run
     from .report import render, render_search
 
