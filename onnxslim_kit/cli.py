@@ -116,8 +116,8 @@ _tolerance_option = click.option(
 
 
 _metric_option = click.option(
-    "--metric", default=None, metavar="top1|cosine|snr|MODULE:FUNCTION",
-    help="How outputs are scored against the original's: top1 (argmax agreement with --labels, else with "
+    "--metric", default=None, metavar="NAME",
+    help="top1, cosine, snr or MODULE:FUNCTION: how outputs are scored against the original's: top1 (argmax agreement with --labels, else with "
          "the original), cosine (smallest output cosine), snr (dB), or a Python function "
          "f(outputs, reference_outputs[, labels]) -> float, higher is better (lists of {output: array} per "
          "feed). Default: top1 with --labels, else cosine.")
@@ -162,8 +162,9 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @click.option("--samples", default=8, show_default=True, help="Number of random samples when no --calib is given.")
 @click.option("--batch-size", type=int, default=None, help="Rows per feed for dynamic-batch inputs (default 1).")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input file.")
-@click.option("--target", default=None, metavar="accuracy_drop=D|size=Rx|latency=Rx",
-              help="Search for a per-layer plan of techniques that meets this target instead of running "
+@click.option("--target", default=None, metavar="KIND=VALUE",
+              help="accuracy_drop=D, size=Rx or latency=Rx: search for a per-layer plan of techniques that meets "
+                   "this target instead of running "
                    "passes (excludes -p/--recipe): the metric may drop by at most D vs the original, or the "
                    "size / median latency is at most R times the original's. The plan is verified end to "
                    "end; the model is written only if the target is met.")
