@@ -84,8 +84,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
              batch_size: int | None = None, progress: Progress | None = None, overwrite: bool = False,
              target: Any = None, metric: Any = None, labels: Any = None, techniques: Any = None,
              workers: int | None = 1, holdout: float = 0.0, max_verifications: int = 8,
-             save_recipe: str | os.PathLike | None = None, cache: str | os.PathLike | None = None
-             ) -> tuple[onnx.ModelProto, Report]:
+             save_recipe: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+             confidence: float = 0.95) -> tuple[onnx.ModelProto, Report]:
     """Run a pipeline on ``model``, check parity against the original, and optionally write the result.
 
     ``passes``: None (the default pipeline, ``cleanup``), a list of specs such as
@@ -103,7 +103,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
 
     ``target`` (``"accuracy_drop=0.01"``, ``"size=0.25x"``, ``"latency=0.5x"``) runs the accuracy-aware
     search instead of a pipeline (see :func:`onnxslim_kit.search.search`; ``metric``, ``labels``,
-    ``techniques``, ``workers``, ``holdout``, ``max_verifications``, ``cache`` go to it) and returns
+    ``techniques``, ``workers``, ``holdout``, ``max_verifications``, ``cache``, ``confidence`` go to it) and returns
     ``(model, SearchResult)``. The verified target is the gate of that run: the model is written only
     when it is met (else :class:`ParityError`, nothing written); ``save_recipe`` writes the plan as TOML.
     """
@@ -113,6 +113,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
                                    progress=progress, overwrite=overwrite, metric=metric, labels=labels,
                                    techniques=techniques, workers=workers, holdout=holdout,
                                    max_verifications=max_verifications, save_recipe=save_recipe, cache=cache,
+                                   confidence=confidence,
                                    passes=passes, recipe=recipe, tolerance=tolerance, check=check)
     start = time.perf_counter()
     if check not in CHECK_MODES:
@@ -231,7 +232,8 @@ def _optimize_to_target(model, *, target, passes, recipe, tolerance, check, outp
     if not result.met:
         raise ParityError(f"target {result.target.describe()} not met: {result.message}; nothing written")
     if save_recipe is not None:
-        result.save_recipe(save_recipe)
+        result.recipe_calibration = result.save_recipe(save_recipe)
+        result.recipe_path = os.fspath(save_recipe)
     if output is not None:
         save_proto(result.model, output)
     return result.model, result

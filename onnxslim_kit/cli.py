@@ -185,11 +185,15 @@ def _parse_tolerances(items) -> dict[str, float] | None:
                    "(with the same calibration data; with --holdout, the search share of it).")
 @click.option("--cache", type=click.Path(), default=None,
               help="With --target: JSON-lines cache of the per-layer analysis (see analyze --cache).")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="With --target and --metric top1: the verified drop plus z(confidence) * sqrt(samples whose "
+                   "correctness changed) / samples must be within the target (guards against passing on the "
+                   "search samples by luck); 0 checks the drop alone.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,
              seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, holdout,
-             max_verifications, save_recipe, cache, quiet):
+             max_verifications, save_recipe, cache, confidence, quiet):
     """Optimize MODEL and write it to OUTPUT if it passes the parity gate.
 
     With a target (accuracy_drop, size or latency), a per-layer plan is searched instead and written
@@ -213,7 +217,7 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
                         num_samples=samples, batch_size=batch_size, progress=_progress_factory(quiet),
                         overwrite=overwrite, metric=metric, labels=labels, techniques=list(techniques) or None,
                         workers=workers, holdout=holdout, max_verifications=max_verifications,
-                        save_recipe=save_recipe, cache=cache)
+                        save_recipe=save_recipe, cache=cache, confidence=confidence)
         if report_path:
             with open(report_path, "w", encoding="utf-8") as fh:
                 json.dump(_json_safe(result.to_dict()), fh, indent=2)

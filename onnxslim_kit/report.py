@@ -242,7 +242,8 @@ def render_search(result) -> str:
                  if rows else "(empty plan: cleanup only)")
     lines.append("")
     for step in result.steps:
-        lines.append(f"  verify {step.action}: {step.entries} change(s), drop {step.search_drop:.6g}, size "
+        lines.append(f"  verify {step.action}: {step.entries} change(s), drop {step.search_drop:.6g}"
+                     + (f" + margin {step.margin:.4g}" if step.margin else "") + f", size "
                      f"{step.size_ratio:.4f}x" + (f", latency {step.latency_ratio:.3f}x" if step.latency_ratio else "")
                      + (" (met)" if step.met else " (not met)"))
     macs = f"{result.macs_ratio:.4f}x" if result.macs_ratio is not None else "unknown"
@@ -256,4 +257,13 @@ def render_search(result) -> str:
     lines.append(f"  size {human_bytes(result.original['bytes'])} -> {human_bytes(result.result['bytes'])} "
                  f"({result.size_ratio:.4f}x), MACs {macs}"
                  + (f", latency {result.latency_ratio:.3f}x" if result.latency_ratio is not None else ""))
+    if result.recipe_path:
+        rows_per_feed = {len(next(iter(f.values()))) for f in result.fit_feeds if f}
+        if result.recipe_calibration:
+            batch = f" --batch-size {rows_per_feed.pop()}" if len(rows_per_feed) == 1 and 1 not in rows_per_feed else ""
+            lines.append(f"recipe: {result.recipe_path}; replay: onnxslim-kit optimize {result.source} -o OUT "
+                         f"--recipe {result.recipe_path} --calib {result.recipe_calibration}{batch}")
+        else:
+            lines.append(f"recipe: {result.recipe_path} (its calibration feeds do not stack into one .npz: replay "
+                         f"needs the same feeds through the Python API, SearchResult.fit_feeds)")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ How (:func:`search`):
    repair: while the verified drop is above the target, the entry with the largest predicted damage is
    reverted (after ``SINGLE_REVERTS`` single reverts, the worse half of the remaining entries at once),
    at most ``max_verifications`` builds; an empty plan is cleanup alone, which always meets the target.
+   With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``).
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met.
 5. The plan is a TOML recipe (:meth:`SearchResult.recipe`) that ``optimize --recipe`` replays to the
@@ -50,7 +51,7 @@ from .metrics import model_stats
 from .pass_base import PassContext
 from .pipeline import Pipeline, build_pass, parse_spec
 from .runtime import make_session, time_sessions
-from .usermetric import Metric, load_labels, parse_metric, sample_counts, split_labels
+from .usermetric import Metric, load_labels, parse_metric, sample_counts, split_labels, top1_discordant
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,11 @@ class Step:
     size_ratio: float
     latency_ratio: float | None
     met: bool
+    margin: float = 0.0        # top1: z * sqrt(discordant samples) / samples, added to the drop
 
     def to_dict(self) -> dict:
         return {"entries": self.entries, "action": self.action, "search_score": _jf(self.search_score),
-                "search_drop": _jf(self.search_drop), "size_ratio": self.size_ratio,
+                "search_drop": _jf(self.search_drop), "margin": self.margin, "size_ratio": self.size_ratio,
                 "latency_ratio": self.latency_ratio, "met": self.met}
 
 
@@ -154,14 +156,18 @@ class SearchResult:
     holdout_baseline: float | None         # the same on the held-out feeds (holdout > 0)
     holdout_score: float | None
     holdout_drop: float | None
-    search_samples: int
+    search_samples: int                    # the search's verification samples (not fitted on)
     holdout_samples: int
     original: dict[str, int]               # params, macs, bytes
     result: dict[str, int]
     latency_ratio: float | None            # measured (latency targets) or None
     candidates: int
     analysis: Any = None                   # the AnalysisReport the plan came from
-    search_feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    fit_feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # what the passes saw
+    fit_samples: int = 0
+    source: str = ""
+    recipe_path: str | None = None         # set when the recipe was saved (CLI --save-recipe)
+    recipe_calibration: str | None = None  # the fit feeds saved beside it
     seconds: float = 0.0
 
     @property
@@ -182,20 +188,36 @@ class SearchResult:
     def recipe(self) -> str:
         """The plan as a TOML recipe (``optimize --recipe``)."""
         head = [f"# onnxslim-kit search plan: target {self.target.describe()}, metric {self.metric}",
-                f"# verified on {self.search_samples} search sample(s): drop {self.search_drop:.6g}"
+                f"# passes fitted on {self.fit_samples} sample(s); verified on {self.search_samples} other search "
+                f"sample(s): drop {self.search_drop:.6g}"
                 + (f"; held-out ({self.holdout_samples}): drop {self.holdout_drop:.6g}"
                    if self.holdout_drop is not None else ""),
                 f"# size {self.size_ratio:.4f}x, MACs "
                 + (f"{self.macs_ratio:.4f}x" if self.macs_ratio is not None else "unknown (unresolved nodes)")
                 + " of the original",
-                "# replays to the same bytes with the same calibration data"
-                + (" (the search share of the feeds, not the held-out share)" if self.holdout_samples else ""),
+                "# replays to the same bytes with the calibration feeds the passes were fitted on "
+                "(SearchResult.fit_feeds; the CLI's --save-recipe writes them next to the recipe)",
                 ""]
         return "\n".join(head) + self.pipeline.to_toml()
 
-    def save_recipe(self, path: str | os.PathLike) -> None:
+    def save_recipe(self, path: str | os.PathLike) -> str | None:
+        """Write the recipe; with its calibration feeds as ``<path without .toml>.calib.npz`` when they
+        stack into one array per input (returns that path, or None)."""
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(self.recipe())
+        feeds = self.fit_feeds
+        if not feeds or any(set(f) != set(feeds[0]) for f in feeds):
+            return None
+        stacked = {}
+        for key in feeds[0]:
+            arrays = [np.asarray(f[key]) for f in feeds]
+            if any(a.ndim == 0 or a.shape[1:] != arrays[0].shape[1:] or a.dtype != arrays[0].dtype for a in arrays):
+                return None
+            stacked[key] = np.concatenate(arrays, axis=0)
+        base = os.fspath(path)
+        calib = (base[:-5] if base.endswith(".toml") else base) + ".calib.npz"
+        np.savez(calib, **stacked)
+        return calib
 
     def to_dict(self) -> dict:
         return {"target": self.target.describe(), "metric": self.metric, "met": self.met,
@@ -204,7 +226,7 @@ class SearchResult:
                 "baseline_score": _jf(self.baseline_score), "search_score": _jf(self.search_score),
                 "search_drop": _jf(self.search_drop), "holdout_baseline": _jf(self.holdout_baseline),
                 "holdout_score": _jf(self.holdout_score), "holdout_drop": _jf(self.holdout_drop),
-                "search_samples": self.search_samples, "holdout_samples": self.holdout_samples,
+                "search_samples": self.search_samples, "fit_samples": self.fit_samples, "holdout_samples": self.holdout_samples,
                 "original": self.original, "result": self.result, "size_ratio": self.size_ratio,
                 "macs_ratio": self.macs_ratio, "latency_ratio": self.latency_ratio,
                 "candidates": self.candidates, "seconds": round(self.seconds, 3)}
@@ -280,14 +302,16 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
            metric: str | Metric | None = None, labels: Any = None, techniques: Iterable[str] | None = None,
            workers: int | None = 1, holdout: float = 0.0, seed: int = 0, input_shapes: Any = None,
            num_samples: int = 8, batch_size: int | None = None, max_verifications: int = 8,
-           cache: str | os.PathLike | None = None, latency_threads: int = 2,
+           cache: str | os.PathLike | None = None, latency_threads: int = 2, confidence: float = 0.95,
            progress: Progress | None = None) -> SearchResult:
     """Find a plan (technique per layer) that meets ``target`` and return it built and verified.
 
     ``metric``: ``top1|cosine|snr|module:function`` (default cosine; top1 when labels are given);
     ``labels``: one integer per calibration sample (.npy/.npz path or array). ``holdout``: share of the
     calibration feeds (seeded) kept out of the search and only scored at the end. ``max_verifications``:
-    end-to-end builds the repair may use. See the module doc.
+    end-to-end builds the repair may use. ``confidence`` (top1 only): the verified drop plus
+    z(confidence) * sqrt(discordant samples) / samples must be within the target, so that a plan does not
+    pass on the search samples by luck (0.5 or less: the drop alone). See the module doc.
     """
     from .analyze import analyze
     from .api import _data, _load, _shapes
@@ -302,6 +326,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                          "top1 or module:function")
     if not 0.0 <= holdout < 1.0:
         raise InputError(f"--holdout {holdout}: expected a share in [0, 1)")
+    if not 0.0 <= confidence < 1.0:
+        raise InputError(f"--confidence {confidence}: expected a probability in [0, 1)")
     if max_verifications < 1:
         raise InputError("max_verifications must be at least 1")
     label, original, _ = _load(model)
@@ -329,6 +355,17 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     report = analyze(original, s_data, techniques=techniques, workers=workers, cache=cache,
                      input_shapes=shapes, seed=seed, progress=progress, metric=scorer, labels=s_labels)
 
+    # As in the analysis: the passes fit on the first half of the search feeds and the plan is verified
+    # on the second half (a refit measured on its own samples looks better than it is).
+    ns = len(s_feeds)
+    fit_pos = list(range(ns // 2)) if ns >= 2 else list(range(ns))
+    ver_pos = list(range(ns // 2, ns)) if ns >= 2 else list(range(ns))
+    fit_feeds = [s_feeds[i] for i in fit_pos]
+    fit_data = _subset(data, fit_feeds, s_data.source + (" (fit half)" if ns >= 2 else ""))
+    s_counts = [counts[i] for i in search_idx]
+    v_labels = split_labels(s_labels, s_counts, ver_pos)
+    s_feeds = [s_feeds[i] for i in ver_pos]
+    s_labels = v_labels
     ref_s = _run(original, s_feeds, optimize=False)
     ref_h = _run(original, h_feeds, optimize=False) if h_feeds else None
     base_s = scorer.baseline(ref_s, s_labels)
@@ -367,19 +404,25 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     cands.sort(key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
 
     steps: list[Step] = []
-    built: dict[tuple, tuple[onnx.ModelProto, Pipeline, float, float, float | None]] = {}
+    built: dict[tuple, tuple] = {}
+    z = statistics.NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
 
-    def build(entries: list[PlanEntry], action: str) -> tuple[onnx.ModelProto, Pipeline, float, float, float | None]:
+    def build(entries: list[PlanEntry], action: str) -> tuple:
         key = tuple(sorted((e.technique, e.layer) for e in entries))
         if key in built:
             return built[key]
         pipe = build_pipeline(entries, report.layers)
-        ctx = PassContext(calibration=s_data, calibration_is_random=data.is_random, input_shapes=shapes,
+        ctx = PassContext(calibration=fit_data, calibration_is_random=data.is_random, input_shapes=shapes,
                           seed=seed, reference=original)
         result, _ = pipe.run(Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
                                               source=label), ctx)
         proto = result.to_proto()
-        score = scorer.score(_run(proto, s_feeds), ref_s, s_labels)
+        outs = _run(proto, s_feeds)
+        score = scorer.score(outs, ref_s, s_labels)
+        margin = 0.0
+        if scorer.spec == "top1" and z > 0:
+            discordant, count = top1_discordant(outs, ref_s, s_labels)
+            margin = z * math.sqrt(discordant) / max(1, count)
         size = model_stats(proto, shapes or None).bytes / max(1, original_sizes["bytes"])
         lat = None
         if tgt.kind == "latency":
@@ -387,17 +430,17 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                                   rounds=3)
             lat = statistics.median(times[1]) / statistics.median(times[0])
         drop = base_s - score
-        met = {"accuracy_drop": drop <= tgt.value + eps, "size": size <= tgt.value,
+        met = {"accuracy_drop": drop + margin <= tgt.value + eps, "size": size <= tgt.value,
                "latency": lat is not None and lat <= tgt.value}[tgt.kind]
         steps.append(Step(entries=len(entries), action=action, search_score=score, search_drop=drop,
-                          size_ratio=size, latency_ratio=lat, met=met))
-        built[key] = (proto, pipe, score, size, lat)
+                          size_ratio=size, latency_ratio=lat, met=met, margin=margin))
+        built[key] = (proto, pipe, score, size, lat, margin)
         return built[key]
 
     def is_met(step_values) -> bool:
-        _, _, score, size, lat = step_values
+        _, _, score, size, lat, margin = step_values
         if tgt.kind == "accuracy_drop":
-            return base_s - score <= tgt.value + eps
+            return base_s - score + margin <= tgt.value + eps
         if tgt.kind == "size":
             return size <= tgt.value
         return lat is not None and lat <= tgt.value
@@ -426,7 +469,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             plan = []
             current = build(plan, "revert all (verification budget spent)")
         met = is_met(current)
-        message = (f"verified drop {base_s - current[2]:.6g} <= {tgt.value:g} with {len(plan)} change(s)"
+        message = (f"verified drop {base_s - current[2]:.6g}" + (f" + margin {current[5]:.4g}" if current[5] else "")
+                   + f" <= {tgt.value:g} with {len(plan)} change(s)"
                    if met else f"even cleanup alone drops the metric by {base_s - current[2]:.6g}")
     else:
         # Size / latency: add by damage per unit saved until the estimate, then the measurement, is met.
@@ -471,7 +515,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                        f"change(s)" + (" (every candidate applied)" if not left else
                                        f" ({left} candidate(s) left, verification budget spent)"))
 
-    proto, pipe, score, size, lat = current
+    proto, pipe, score, size, lat, margin = current
     hold_base = hold_score = hold_drop = None
     if h_feeds:
         hold_base = scorer.baseline(ref_h, h_labels)
@@ -482,8 +526,9 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         target=tgt, metric=scorer.spec, plan=sorted(plan, key=lambda e: report.layers.index(e.layer)), met=met,
         message=message, model=proto, pipeline=pipe, steps=steps, baseline_score=base_s, search_score=score,
         search_drop=base_s - score, holdout_baseline=hold_base, holdout_score=hold_score, holdout_drop=hold_drop,
-        search_samples=sum(counts[i] for i in search_idx), holdout_samples=sum(counts[i] for i in hold_idx),
+        search_samples=sum(s_counts[i] for i in ver_pos), fit_samples=sum(s_counts[i] for i in fit_pos),
+        holdout_samples=sum(counts[i] for i in hold_idx),
         original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
                 "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
-        latency_ratio=lat, candidates=len(cands), analysis=report, search_feeds=s_feeds,
+        latency_ratio=lat, candidates=len(cands), analysis=report, fit_feeds=fit_feeds, source=label,
         seconds=time.perf_counter() - start)

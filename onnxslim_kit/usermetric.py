@@ -266,3 +266,13 @@ def accepts_labels(fn: Callable[..., Any]) -> bool:
         return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def top1_discordant(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> tuple[int, int]:
+    """(samples where the candidate's correctness differs from the original's, samples): what the
+    sampling noise of a top1 drop depends on (a paired, McNemar-style count)."""
+    pred, ref = _predictions(outputs), _predictions(reference)
+    if labels is None:
+        return int(np.sum(pred != ref)), int(pred.size)
+    target = np.asarray(labels).reshape(-1)
+    return int(np.sum((pred == target) != (ref == target))), int(pred.size)
