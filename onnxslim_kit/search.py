@@ -16,7 +16,9 @@ How (:func:`search`):
 2. Candidates (one technique on one layer, status ok, something saved) are ordered by predicted damage
    per unit saved: the metric drop (clamped at 0; the 1 - cosine damage breaks ties) per fraction of the
    baseline's MACs + bytes saved (``accuracy_drop``), per fraction of the bytes saved (``size``) or of
-   the MACs saved (``latency``). A layer gets at most one technique (so at most one of each family).
+   the MACs saved (``latency``). A layer gets at most one technique of each family (prune, low-rank,
+   quantization); a factored (svd) layer takes nothing else; a plan uses one quantization technique
+   (the first the order reaches: a quantization pass refuses an already quantized model).
 3. ``accuracy_drop``: candidates are accumulated while the sum of their predicted drops stays within the
    target. ``size`` / ``latency``: while the estimated ratio is above the target.
 4. The plan is built as one pipeline (``cleanup``, then prune, low-rank and quantization passes, each
@@ -447,15 +449,25 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
 
     plan: list[PlanEntry] = []
     used: dict[str, set[str]] = {}
+    chosen: dict[str, str] = {}   # family -> technique, for the families one pipeline can hold once
+
+    def fits(c: PlanEntry) -> bool:
+        family = _family(c.technique)
+        if family == "quantize" and chosen.get(family, c.technique) != c.technique:
+            return False   # a quantization pass refuses an already quantized model: one per plan
+        return _compatible(used.get(c.layer, set()), family)
+
+    def take(c: PlanEntry) -> None:
+        plan.append(c)
+        used.setdefault(c.layer, set()).add(_family(c.technique))
+        chosen.setdefault(_family(c.technique), c.technique)
     message = ""
     if tgt.kind == "accuracy_drop":
         total = 0.0
         for c in cands:
-            if not _compatible(used.get(c.layer, set()), _family(c.technique)) or \
-                    total + c.predicted_drop > tgt.value + eps:
+            if not fits(c) or total + c.predicted_drop > tgt.value + eps:
                 continue
-            plan.append(c)
-            used.setdefault(c.layer, set()).add(_family(c.technique))
+            take(c)
             total += c.predicted_drop
         current = build(plan, "greedy")
         reverts = 0
@@ -486,10 +498,9 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             added = 0
             while remaining and (need > 0 or added == 0):
                 c = remaining.pop(0)
-                if not _compatible(used.get(c.layer, set()), _family(c.technique)):
+                if not fits(c):
                     continue
-                plan.append(c)
-                used.setdefault(c.layer, set()).add(_family(c.technique))
+                take(c)
                 need -= fraction(c)
                 added += 1
             return added
@@ -510,7 +521,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if met:
             message = f"measured {tgt.kind} {measured:.4f}x <= {tgt.value:g}x with {len(plan)} change(s)"
         else:
-            left = sum(1 for c in remaining if _compatible(used.get(c.layer, set()), _family(c.technique)))
+            left = sum(1 for c in remaining if fits(c))
             message = (f"{tgt.kind}={tgt.value:g}x cannot be met: best reached {measured:.4f}x with {len(plan)} "
                        f"change(s)" + (" (every candidate applied)" if not left else
                                        f" ({left} candidate(s) left, verification budget spent)"))
