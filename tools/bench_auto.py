@@ -42,6 +42,10 @@ from onnxslim_kit.runtime import make_session, time_sessions  # noqa: E402
 from onnxslim_kit.search import search  # noqa: E402
 from onnxslim_kit.usermetric import parse_metric  # noqa: E402
 
+# The search with every default technique, and without weight-only int4 (MatMulNBits is slower than
+# fp32 here on small models: that search trades size for speed).
+SEARCHES = {"search plan": None,
+            "search plan (int8, prune, svd)": ["quantize-int8", "prune-channels:ratio=0.5", "svd:energy=0.9"]}
 UNIFORM = ["quantize-int8", "quantize-weights:bits=4", "prune-channels:ratio=0.25", "prune-channels:ratio=0.5",
            "prune-channels:ratio=0.75", "svd:energy=0.8", "svd:energy=0.9", "svd:energy=0.95", "svd:energy=0.99"]
 
@@ -80,11 +84,14 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int) ->
     original = onnx.load(src)
     cal, labels, held, held_labels, metric, batch = split_data(name)
     scorer = parse_metric(metric)
-    t0 = time.perf_counter()
-    result = search(src, cal, target=f"accuracy_drop={drop}", metric=metric, labels=labels, workers=workers,
-                    batch_size=batch)
-    search_s = time.perf_counter() - t0
-    variants: dict[str, onnx.ModelProto] = {"original": original, "search plan": result.model}
+    variants: dict[str, onnx.ModelProto] = {"original": original}
+    results, search_s = {}, {}
+    for label, techniques in SEARCHES.items():
+        t0 = time.perf_counter()
+        results[label] = search(src, cal, target=f"accuracy_drop={drop}", metric=metric, labels=labels,
+                                workers=workers, batch_size=batch, techniques=techniques)
+        search_s[label] = time.perf_counter() - t0
+        variants[label] = results[label].model
     build_s = {}
     for spec in UNIFORM:
         t0 = time.perf_counter()
@@ -114,24 +121,29 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int) ->
                      f"{st.macs / orig_stats.macs:.3f}" if macs_known else "unknown",
                      f"{med[k] * 1e3:.3f}", f"{med[k] / med['original']:.3f}", f"{score:.4f}", f"{base - score:+.4f}",
                      "yes" if base - score <= drop + 1e-12 else "no"])
-    notes = [f"{name}: search {search_s:.1f}s, {result.verifications} verification(s), {len(result.plan)} change(s) "
-             f"({', '.join(sorted({e.technique for e in result.plan})) or 'none'}); search-data drop "
-             f"{result.search_drop:+.4f} ({result.search_samples} samples), held-out drop {info['search plan']['drop']:+.4f} "
-             f"({sum(len(next(iter(f.values()))) for f in held)} samples); metric {metric}"]
+    notes = []
+    for label, result in results.items():
+        notes.append(f"{name}: {label}: search {search_s[label]:.1f}s, {result.verifications} verification(s), "
+                     f"{len(result.plan)} change(s) ({', '.join(sorted({e.technique for e in result.plan})) or 'none'}); "
+                     f"search-data drop {result.search_drop:+.4f} ({result.search_samples} samples, passes fitted on "
+                     f"{result.fit_samples} others), held-out drop {info[label]['drop']:+.4f} "
+                     f"({sum(len(next(iter(f.values()))) for f in held)} samples); metric {metric}")
     ok = [k for k in names if k.startswith("uniform") and info[k]["drop"] <= drop + 1e-12]
-    plan = info["search plan"]
     if not ok:
         notes.append(f"{name}: no uniform variant meets held-out drop <= {drop}")
-    else:
+    for label in results:
+        if not ok:
+            break
+        plan = info[label]
         by_size = min(ok, key=lambda k: info[k]["size"])
         by_lat = min(ok, key=lambda k: info[k]["lat"])
-        for label, k in (("smallest", by_size), ("fastest", by_lat)):
+        for which, k in (("smallest", by_size), ("fastest", by_lat)):
             u = info[k]
             macs = (f"{plan['macs'] / u['macs']:.3f}" if plan["macs"] is not None and u["macs"] is not None
                     else "unknown")
-            notes.append(f"{name}: best uniform at the same accuracy ({label}) = {k}: plan/uniform size "
-                         f"{plan['size'] / u['size']:.3f}, latency {plan['lat'] / u['lat']:.3f}, MACs {macs}; "
-                         f"held-out drop plan {plan['drop']:+.4f} vs {u['drop']:+.4f}")
+            notes.append(f"{name}: {label} vs the best uniform variant at the same accuracy ({which}) = {k}: "
+                         f"plan/uniform size {plan['size'] / u['size']:.3f}, latency {plan['lat'] / u['lat']:.3f}, "
+                         f"MACs {macs}; held-out drop plan {plan['drop']:+.4f} vs {u['drop']:+.4f}")
         verdict = []
         if plan["size"] > info[by_size]["size"]:
             verdict.append("NOT smaller than the smallest uniform variant")
@@ -139,8 +151,8 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int) ->
             verdict.append("NOT faster than the fastest uniform variant")
         if plan["drop"] > drop + 1e-12:
             verdict.append("does NOT meet the target on held-out data")
-        notes.append(f"{name}: plan " + ("; ".join(verdict) if verdict else
-                                         "is smaller and faster than the best uniform variants, within the target"))
+        notes.append(f"{name}: {label}: " + ("; ".join(verdict) if verdict else
+                                             "smaller and faster than the best uniform variants, within the target"))
     return rows, notes
 
 
@@ -151,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", default="auto_compression.md", help="file name under tools/results/")
     args = parser.parse_args(argv)
     rows, notes = [], []
     for name in args.models:
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
               "held-out drop", "meets target"]
     text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    out = ROOT / "tools" / "results" / "auto_compression.md"
+    out = ROOT / "tools" / "results" / args.out
     out.write_text(f"# search (--target accuracy_drop={args.drop}) vs single techniques applied uniformly\n\n"
                    f"Held-out data only (never seen by the search or the calibrated passes). Latency: 2 threads, "
                    f"batch 1, {args.rounds} interleaved rounds x {args.runs} runs; measured on a shared 2-core "
