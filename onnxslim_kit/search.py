@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 
 from .calibration import CalibrationData
-from .errors import InputError
+from .errors import InputError, OnnxSlimError
 from .ir import Model
 from .metrics import model_stats
 from .pass_base import PassContext
@@ -416,8 +416,18 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         pipe = build_pipeline(entries, report.layers)
         ctx = PassContext(calibration=fit_data, calibration_is_random=data.is_random, input_shapes=shapes,
                           seed=seed, reference=original)
-        result, _ = pipe.run(Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
-                                              source=label), ctx)
+        try:
+            result, _ = pipe.run(Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
+                                                  source=label), ctx)
+        except OnnxSlimError as exc:
+            # A combination the passes refuse: recorded as a failed verification, then repaired like one.
+            if not entries:
+                raise
+            steps.append(Step(entries=len(entries), action=f"{action} (does not build: {exc})",
+                              search_score=-math.inf, search_drop=math.inf, size_ratio=math.inf,
+                              latency_ratio=None, met=False))
+            built[key] = (None, pipe, -math.inf, math.inf, None, 0.0)
+            return built[key]
         proto = result.to_proto()
         outs = _run(proto, s_feeds)
         score = scorer.score(outs, ref_s, s_labels)
@@ -440,7 +450,9 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         return built[key]
 
     def is_met(step_values) -> bool:
-        _, _, score, size, lat, margin = step_values
+        proto, _, score, size, lat, margin = step_values
+        if proto is None:
+            return False
         if tgt.kind == "accuracy_drop":
             return base_s - score + margin <= tgt.value + eps
         if tgt.kind == "size":
@@ -516,6 +528,11 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             if not added:
                 break
             current = build(plan, f"add {added}")
+            if current[0] is None:
+                break
+        if current[0] is None:
+            plan = []
+            current = build(plan, "revert all (the plan does not build)")
         met = is_met(current)
         measured = current[3] if tgt.kind == "size" else current[4]
         if met:
