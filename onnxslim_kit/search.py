@@ -17,8 +17,8 @@ How (:func:`search`):
    per unit saved: the metric drop (clamped at 0; the 1 - cosine damage breaks ties) per fraction of the
    baseline's MACs + bytes saved (``accuracy_drop``), per fraction of the bytes saved (``size``) or of
    the MACs saved (``latency``). A layer gets at most one technique of each family (prune, low-rank,
-   quantization); a factored (svd) layer takes nothing else; a plan uses one quantization technique
-   (the first the order reaches: a quantization pass refuses an already quantized model).
+   quantization), applied in that order; a plan uses one quantization technique (the first the order
+   reaches: a quantization pass refuses an already quantized model).
 3. ``accuracy_drop``: candidates are accumulated while the sum of their predicted drops stays within the
    target. ``size`` / ``latency``: while the estimated ratio is above the target.
 4. The plan is built as one pipeline (``cleanup``, then prune, low-rank and quantization passes, each
@@ -273,25 +273,27 @@ def _family(technique: str) -> str:
 
 
 def _compatible(families: set[str], family: str) -> bool:
-    """At most one technique of each family per layer; a factored layer (svd replaces it by two new
-    nodes) takes nothing else. Prune + quantize on one layer compose (tests/test_search.py)."""
-    if family in families:
-        return False
-    return "lowrank" not in families and not (family == "lowrank" and families)
+    """At most one technique of each family per layer. Prune, svd and quantization of one layer compose
+    in pipeline order (prune, then svd, then quantization of both factors; tests/test_search.py)."""
+    return family not in families and family != "other" or not families
 
 
 def build_pipeline(entries: list[PlanEntry], layer_order: list[str]) -> Pipeline:
     """``cleanup`` + one pass per technique with its layers as ``include`` (families in pipeline
-    order, layers in graph order)."""
+    order, layers in graph order; a factored layer's quantization includes both factors)."""
     by_technique: dict[str, list[str]] = {}
+    factored = {e.layer for e in entries if _family(e.technique) == "lowrank"}
     for e in entries:
         by_technique.setdefault(e.technique, []).append(e.layer)
+        if _family(e.technique) == "quantize" and e.layer in factored:
+            # svd keeps the layer's name on the second factor and names the first LAYER_factor_a.
+            by_technique[e.technique].append(e.layer + "_factor_a")
     rank = {layer: i for i, layer in enumerate(layer_order)}
     passes = [build_pass("cleanup", {})]
     techniques = sorted(by_technique, key=lambda t: (FAMILY_ORDER.index(FAMILY.get(parse_spec(t)[0], "other")), t))
     for t in techniques:
         name, options = parse_spec(t)
-        layers = sorted(by_technique[t], key=lambda n: rank.get(n, len(rank)))
+        layers = sorted(by_technique[t], key=lambda n: (rank.get(n.removesuffix("_factor_a"), len(rank)), n))
         passes.append(build_pass(name, {**options, "include": layers}))
     return Pipeline(passes)
 

@@ -171,6 +171,30 @@ def test_search_prune_and_int8_compose_on_one_layer():
     assert _cosine(_outputs(pruned, x), _outputs(both, x)) >= 0.99
 
 
+def test_search_prune_svd_and_int8_compose_on_one_layer():
+    """The plan's pipeline order on one layer: prune its hidden units, factor it, quantize both factors."""
+    proto, calib = _model(), _calib()
+    svd = "svd:min_size=1024,rank_ratio=0.25"
+    specs = ["cleanup", PRUNE + ",include=up0", svd + ",include=up0"]
+    factored, _ = onnxslim_kit.optimize(proto, passes=specs, calibration=calib, check="off")
+    names = {n.name for n in factored.graph.node}
+    assert {"up0", "up0_factor_a"} <= names
+    from onnxslim_kit.search import PlanEntry, build_pipeline
+
+    entry = lambda t: PlanEntry("up0", "MatMul", t, 0.0, 0.0, 0.1, 0.1, 1)  # noqa: E731
+    pipe = build_pipeline([entry(INT8), entry(svd), entry(PRUNE)], ["up0", "down0", "up1", "down1"])
+    assert [p.name for p in pipe.passes] == ["cleanup", "prune-channels", "svd", "quantize-int8"]
+    assert pipe.passes[3].include == ["up0", "up0_factor_a"]
+    both, _ = onnxslim_kit.optimize(proto, passes=pipe, calibration=calib, check="off")
+    onnx.checker.check_model(both, full_check=True)
+    producers = {o: n for n in both.graph.node for o in n.output}
+    for name in ("up0", "up0_factor_a"):
+        node = next(n for n in both.graph.node if n.name == name)
+        assert producers[node.input[1]].op_type == "DequantizeLinear"  # its weight is int8 now
+    x = calib["x"]
+    assert _cosine(_outputs(factored, x), _outputs(both, x)) >= 0.99
+
+
 def test_analyze_calibrated_technique_measured_on_held_out_feeds():
     proto, calib = _model(), _calib()
     report = onnxslim_kit.analyze(proto, calib, techniques=[PRUNE, QW], workers=1)
