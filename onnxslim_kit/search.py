@@ -475,6 +475,47 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         plan.append(c)
         used.setdefault(c.layer, set()).add(_family(c.technique))
         chosen.setdefault(_family(c.technique), c.technique)
+    def verified_drop(values) -> float:
+        return base_s - values[2] + values[5]
+
+    def extend(current: tuple, predicted: float) -> tuple:
+        """The verified plan has slack: add the next candidates whose predicted drops, rescaled by how far
+        the prediction overshot (per-layer drops rarely add up: int8 layers share their error), fit in
+        it; verify; on failure retry with half as many, then skip the first one."""
+        nonlocal plan
+        scale = min(1.0, verified_drop(current) / predicted) if predicted > eps else 1.0
+        cap = len(cands)
+        rejected: set[tuple[str, str]] = set()
+        while len(steps) < max_verifications:
+            room = tgt.value - verified_drop(current)
+            saved_used, saved_chosen = {k: set(v) for k, v in used.items()}, dict(chosen)
+            chunk, acc = [], 0.0
+            for c in cands:
+                if len(chunk) >= cap or c in plan or (c.technique, c.layer) in rejected or not fits(c):
+                    continue
+                if chunk and acc + c.predicted_drop * scale > room + eps:
+                    continue
+                chunk.append(c)
+                used.setdefault(c.layer, set()).add(_family(c.technique))
+                chosen.setdefault(_family(c.technique), c.technique)
+                acc += c.predicted_drop * scale
+            if not chunk:
+                break
+            trial = build(plan + chunk, f"extend +{len(chunk)}")
+            if is_met(trial):
+                plan = plan + chunk
+                current = trial
+                cap = len(cands)
+                continue
+            used.clear()
+            used.update(saved_used)
+            chosen.clear()
+            chosen.update(saved_chosen)
+            if len(chunk) == 1:
+                rejected.add((chunk[0].technique, chunk[0].layer))
+            cap = max(1, len(chunk) // 2)
+        return current
+
     message = ""
     if tgt.kind == "accuracy_drop":
         total = 0.0
@@ -484,6 +525,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             take(c)
             total += c.predicted_drop
         current = build(plan, "greedy")
+        if is_met(current):
+            current = extend(current, total)
         reverts = 0
         while not is_met(current) and plan and len(steps) < max_verifications:
             worst = sorted(plan, key=lambda e: (e.predicted_drop, e.damage), reverse=True)
