@@ -26,6 +26,10 @@ How (:func:`search`):
    repair: while the verified drop is above the target, the entry with the largest predicted damage is
    reverted (after ``SINGLE_REVERTS`` single reverts, the worse half of the remaining entries at once),
    at most ``max_verifications`` builds; an empty plan is cleanup alone, which always meets the target.
+   A verified plan with slack is *extended*: the next candidates whose predicted drops, rescaled by
+   verified / predicted, fit in the slack are added and verified (a failure halves the batch, then skips
+   the candidate), within the same ``max_verifications``: per-layer drops do not add up (int8 layers share
+   the error of quantizing a common input), so the additive prediction is often pessimistic.
    With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``).
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met.
