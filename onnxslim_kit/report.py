@@ -264,6 +264,8 @@ def render_search(result) -> str:
             lines.append(f"recipe: {result.recipe_path}; replay: onnxslim-kit optimize {result.source} -o OUT "
                          f"--recipe {result.recipe_path} --calib {result.recipe_calibration}{batch}")
         else:
-            lines.append(f"recipe: {result.recipe_path} (its calibration feeds do not stack into one .npz: replay "
-                         f"needs the same feeds through the Python API, SearchResult.fit_feeds)")
+            why = ("the search ran on seeded random data" if result.fit_is_random else
+                   "its calibration feeds do not stack into one .npz")
+            lines.append(f"recipe: {result.recipe_path} ({why}: a byte-identical replay needs the same feeds "
+                         f"through the Python API, SearchResult.fit_feeds)")
     return "\n".join(lines)

@@ -172,6 +172,7 @@ class SearchResult:
     fit_feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # what the passes saw
     fit_samples: int = 0
     source: str = ""
+    fit_is_random: bool = False
     recipe_path: str | None = None         # set when the recipe was saved (CLI --save-recipe)
     recipe_calibration: str | None = None  # the fit feeds saved beside it
     seconds: float = 0.0
@@ -212,8 +213,8 @@ class SearchResult:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(self.recipe())
         feeds = self.fit_feeds
-        if not feeds or any(set(f) != set(feeds[0]) for f in feeds):
-            return None
+        if self.fit_is_random or not feeds or any(set(f) != set(feeds[0]) for f in feeds):
+            return None  # random data reloaded from a file would count as real data (passes differ)
         stacked = {}
         for key in feeds[0]:
             arrays = [np.asarray(f[key]) for f in feeds]
@@ -607,5 +608,5 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         holdout_samples=sum(counts[i] for i in hold_idx),
         original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
                 "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
-        latency_ratio=lat, candidates=len(cands), analysis=report, fit_feeds=fit_feeds, source=label,
+        latency_ratio=lat, candidates=len(cands), analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
         seconds=time.perf_counter() - start)
