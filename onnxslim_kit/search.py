@@ -32,7 +32,8 @@ How (:func:`search`):
    the error of quantizing a common input), so the additive prediction is often pessimistic.
    With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``).
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
-   the target is reported as not met.
+   the target is reported as not met; then the worst trades (predicted drop per share saved) are
+   reverted one at a time while the target still holds.
 5. The plan is a TOML recipe (:meth:`SearchResult.recipe`) that ``optimize --recipe`` replays to the
    same bytes given the same calibration data (the search half when ``holdout`` > 0).
 """
@@ -583,6 +584,21 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if current[0] is None:
             plan = []
             current = build(plan, "revert all (the plan does not build)")
+        # Trim: while the target holds, revert the worst trade (predicted drop per share saved), so that a
+        # batch added to close a measured gap does not keep a damaging change it did not need.
+        tried: set[tuple[str, str]] = set()
+        while is_met(current) and len(steps) < max_verifications:
+            left = [e for e in plan if (e.technique, e.layer) not in tried and e.predicted_drop > 0]
+            if not left:
+                break
+            worst = max(left, key=lambda e: e.predicted_drop / max(fraction(e), 1e-12))
+            tried.add((worst.technique, worst.layer))
+            trial_plan = [e for e in plan if e is not worst]
+            trial = build(trial_plan, f"trim {worst.layer} ({worst.technique})")
+            if is_met(trial):
+                plan, current = trial_plan, trial
+            else:
+                break
         met = is_met(current)
         measured = current[3] if tgt.kind == "size" else current[4]
         if met:
