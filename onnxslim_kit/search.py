@@ -22,7 +22,9 @@ How (:func:`search`):
 3. ``accuracy_drop``: candidates are accumulated while the sum of their predicted drops stays within the
    target. ``size`` / ``latency``: while the estimated ratio is above the target.
 4. The plan is built as one pipeline (``cleanup``, then prune, low-rank and quantization passes, each
-   with an ``include`` list) with the same calibration data and verified end to end. ``accuracy_drop``
+   with an ``include`` list) and verified end to end, cross-fitted: built with its passes fitted on the
+   first half of the search feeds (the model returned) and on the second half, each half scored by the
+   build that did not see it. ``accuracy_drop``
    repair: while the verified drop is above the target, the entry with the largest predicted damage is
    reverted (after ``SINGLE_REVERTS`` single reverts, the worse half of the remaining entries at once),
    at most ``max_verifications`` builds; an empty plan is cleanup alone, which always meets the target.
@@ -30,7 +32,8 @@ How (:func:`search`):
    verified / predicted, fit in the slack are added and verified (a failure halves the batch, then skips
    the candidate), within the same ``max_verifications``: per-layer drops do not add up (int8 layers share
    the error of quantizing a common input), so the additive prediction is often pessimistic.
-   With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``).
+   With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``); a
+   metric that improves on the search data is counted as no drop (the gain is not credited).
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met; then the worst trades (predicted drop per share saved) are
    reverted one at a time while the target still holds.
@@ -163,7 +166,7 @@ class SearchResult:
     holdout_baseline: float | None         # the same on the held-out feeds (holdout > 0)
     holdout_score: float | None
     holdout_drop: float | None
-    search_samples: int                    # the search's verification samples (not fitted on)
+    search_samples: int                    # the search's samples, each scored by a build not fitted on it
     holdout_samples: int
     original: dict[str, int]               # params, macs, bytes
     result: dict[str, int]
@@ -196,8 +199,8 @@ class SearchResult:
     def recipe(self) -> str:
         """The plan as a TOML recipe (``optimize --recipe``)."""
         head = [f"# onnxslim-kit search plan: target {self.target.describe()}, metric {self.metric}",
-                f"# passes fitted on {self.fit_samples} sample(s); verified on {self.search_samples} other search "
-                f"sample(s): drop {self.search_drop:.6g}"
+                f"# passes fitted on {self.fit_samples} sample(s); verified (cross-fitted) on {self.search_samples} "
+                f"search sample(s): drop {self.search_drop:.6g}"
                 + (f"; held-out ({self.holdout_samples}): drop {self.holdout_drop:.6g}"
                    if self.holdout_drop is not None else ""),
                 f"# size {self.size_ratio:.4f}x, MACs "
@@ -304,6 +307,23 @@ def build_pipeline(entries: list[PlanEntry], layer_order: list[str]) -> Pipeline
     return Pipeline(passes)
 
 
+def _run_plan(pipe: Pipeline, model: Model, ctx: PassContext) -> tuple[Model, Pipeline]:
+    """Run the plan's pipeline pass by pass. A quantization pass's ``LAYER_factor_a`` names are kept
+    only where svd really factored LAYER (after pruning, svd may find a layer no longer worth it):
+    the returned pipeline holds the include lists that were run, so its recipe replays them."""
+    passes = list(pipe.passes)
+    for i, p in enumerate(passes):
+        include = getattr(p, "include", None)
+        if _family(p.name) == "quantize" and include and any(n.endswith("_factor_a") for n in include):
+            present = {n.name for n in model.nodes}
+            keep = [n for n in include if not n.endswith("_factor_a") or n in present]
+            if keep != list(include):
+                options = {k: v for k, v in p.options().items() if v is not None}
+                passes[i] = p = build_pass(p.name, {**options, "include": keep})
+        model, _ = Pipeline([p]).run(model, ctx)
+    return model, Pipeline(passes)
+
+
 # ----------------------------------------------------------------------------------------------
 # The search
 # ----------------------------------------------------------------------------------------------
@@ -365,17 +385,22 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     report = analyze(original, s_data, techniques=techniques, workers=workers, cache=cache,
                      input_shapes=shapes, seed=seed, progress=progress, metric=scorer, labels=s_labels)
 
-    # As in the analysis: the passes fit on the first half of the search feeds and the plan is verified
-    # on the second half (a refit measured on its own samples looks better than it is).
+    # Cross-fitted verification: the plan is built twice, with its passes fitted on the first half of the
+    # search feeds (the returned model) and on the second half; each half is scored by the model that
+    # did not see it, so every search sample counts and none is scored in-sample (a refit measured on
+    # its own samples looks better than it is).
     ns = len(s_feeds)
-    fit_pos = list(range(ns // 2)) if ns >= 2 else list(range(ns))
-    ver_pos = list(range(ns // 2, ns)) if ns >= 2 else list(range(ns))
+    cross = ns >= 2
+    fit_pos = list(range(ns // 2)) if cross else list(range(ns))
+    ver_pos = list(range(ns // 2, ns)) if cross else list(range(ns))
     fit_feeds = [s_feeds[i] for i in fit_pos]
-    fit_data = _subset(data, fit_feeds, s_data.source + (" (fit half)" if ns >= 2 else ""))
+    other_feeds = [s_feeds[i] for i in ver_pos]
+    fit_data = _subset(data, fit_feeds, s_data.source + (" (first half)" if cross else ""))
+    other_data = _subset(data, other_feeds, s_data.source + " (second half)")
     s_counts = [counts[i] for i in search_idx]
-    v_labels = split_labels(s_labels, s_counts, ver_pos)
-    s_feeds = [s_feeds[i] for i in ver_pos]
-    s_labels = v_labels
+    order = ver_pos + fit_pos if cross else ver_pos
+    s_labels = split_labels(s_labels, s_counts, order)
+    s_feeds = other_feeds + fit_feeds if cross else other_feeds
     ref_s = _run(original, s_feeds, optimize=False)
     ref_h = _run(original, h_feeds, optimize=False) if h_feeds else None
     base_s = scorer.baseline(ref_s, s_labels)
@@ -422,11 +447,17 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if key in built:
             return built[key]
         pipe = build_pipeline(entries, report.layers)
-        ctx = PassContext(calibration=fit_data, calibration_is_random=data.is_random, input_shapes=shapes,
-                          seed=seed, reference=original)
+
+        def fitted(on: CalibrationData) -> tuple[Model, Pipeline]:
+            ctx = PassContext(calibration=on, calibration_is_random=data.is_random, input_shapes=shapes,
+                              seed=seed, reference=original)
+            return _run_plan(build_pipeline(entries, report.layers),
+                             Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
+                                              source=label), ctx)
+
         try:
-            result, _ = pipe.run(Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
-                                                  source=label), ctx)
+            result, pipe = fitted(fit_data)
+            twin = fitted(other_data)[0].to_proto() if cross else None
         except OnnxSlimError as exc:
             # A combination the passes refuse: recorded as a failed verification, then repaired like one.
             if not entries:
@@ -437,7 +468,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             built[key] = (None, pipe, -math.inf, math.inf, None, 0.0)
             return built[key]
         proto = result.to_proto()
-        outs = _run(proto, s_feeds)
+        outs = _run(proto, other_feeds) + (_run(twin, fit_feeds) if cross else [])
         score = scorer.score(outs, ref_s, s_labels)
         margin = 0.0
         if scorer.spec == "top1" and z > 0:
@@ -450,7 +481,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                                   rounds=3)
             lat = statistics.median(times[1]) / statistics.median(times[0])
         drop = base_s - score
-        met = {"accuracy_drop": drop + margin <= tgt.value + eps, "size": size <= tgt.value,
+        met = {"accuracy_drop": max(drop, 0.0) + margin <= tgt.value + eps, "size": size <= tgt.value,
                "latency": lat is not None and lat <= tgt.value}[tgt.kind]
         steps.append(Step(entries=len(entries), action=action, search_score=score, search_drop=drop,
                           size_ratio=size, latency_ratio=lat, met=met, margin=margin))
@@ -462,7 +493,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if proto is None:
             return False
         if tgt.kind == "accuracy_drop":
-            return base_s - score + margin <= tgt.value + eps
+            return max(base_s - score, 0.0) + margin <= tgt.value + eps
         if tgt.kind == "size":
             return size <= tgt.value
         return lat is not None and lat <= tgt.value
@@ -482,7 +513,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         used.setdefault(c.layer, set()).add(_family(c.technique))
         chosen.setdefault(_family(c.technique), c.technique)
     def verified_drop(values) -> float:
-        return base_s - values[2] + values[5]
+        return max(base_s - values[2], 0.0) + values[5]
 
     def extend(current: tuple, predicted: float) -> tuple:
         """The verified plan has slack: add the next candidates whose predicted drops, rescaled by how far
@@ -620,7 +651,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         target=tgt, metric=scorer.spec, plan=sorted(plan, key=lambda e: report.layers.index(e.layer)), met=met,
         message=message, model=proto, pipeline=pipe, steps=steps, baseline_score=base_s, search_score=score,
         search_drop=base_s - score, holdout_baseline=hold_base, holdout_score=hold_score, holdout_drop=hold_drop,
-        search_samples=sum(s_counts[i] for i in ver_pos), fit_samples=sum(s_counts[i] for i in fit_pos),
+        search_samples=sum(s_counts[i] for i in order), fit_samples=sum(s_counts[i] for i in fit_pos),
         holdout_samples=sum(counts[i] for i in hold_idx),
         original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
                 "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
