@@ -212,6 +212,33 @@ def test_search_prune_svd_and_int8_compose_on_one_layer():
     assert _cosine(_outputs(factored, x), _outputs(both, x)) >= 0.99
 
 
+def test_search_plan_quantizes_only_factors_svd_really_made():
+    """After pruning, svd finds up0 no longer worth factoring: the quantization pass of the plan then
+    includes up0 alone (not a missing up0_factor_a, which it would refuse), and the recipe says so."""
+    import importlib
+
+    from onnxslim_kit.calibration import CalibrationData
+    from onnxslim_kit.ir import Model
+    from onnxslim_kit.pass_base import PassContext
+    from onnxslim_kit.search import PlanEntry, build_pipeline
+
+    search_mod = importlib.import_module("onnxslim_kit.search")
+    proto, calib = _model(), _calib()
+    entry = lambda t: PlanEntry("up0", "MatMul", t, 0.0, 0.0, 0.1, 0.1, 1)  # noqa: E731
+    pipe = build_pipeline([entry(PRUNE), entry(SVD), entry(INT8)], ["up0", "down0", "up1", "down1"])
+    assert pipe.passes[3].include == ["up0", "up0_factor_a"]
+    feeds = [{"x": calib["x"][i:i + 1]} for i in range(8)]
+    data = CalibrationData(lambda: iter(feeds), length=8, num_samples=8, source="test", is_random=False)
+    ctx = PassContext(calibration=data, calibration_is_random=False, reference=proto)
+    model, ran = search_mod._run_plan(pipe, Model.from_proto(proto), ctx)
+    out = model.to_proto()
+    assert "up0_factor_a" not in {n.name for n in out.graph.node}
+    assert ran.passes[3].include == ["up0"] and 'include = ["up0"]' in ran.to_toml()
+    onnx.checker.check_model(out, full_check=True)
+    x = calib["x"]
+    assert _cosine(_outputs(proto, x), _outputs(out, x)) >= 0.95
+
+
 def test_analyze_calibrated_technique_measured_on_held_out_feeds():
     proto, calib = _model(), _calib()
     report = onnxslim_kit.analyze(proto, calib, techniques=[PRUNE, QW], workers=1)
