@@ -28,7 +28,8 @@ How (:func:`search`):
    repair: while the verified drop is above the target, the entry with the largest predicted damage is
    reverted (after ``SINGLE_REVERTS`` single reverts, the worse half of the remaining entries at once),
    at most ``max_verifications`` builds; an empty plan is cleanup alone, which always meets the target.
-   A verified plan with slack is *extended*: the next candidates whose predicted drops, rescaled by
+   A verified plan with slack (after the greedy, or after a repair: then without the changes reverted
+   one at a time) is *extended*: the next candidates whose predicted drops, rescaled by
    verified / predicted, fit in the slack are added and verified (a failure halves the batch, then skips
    the candidate), within the same ``max_verifications``: per-layer drops do not add up (int8 layers share
    the error of quantizing a common input), so the additive prediction is often pessimistic.
@@ -515,14 +516,14 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     def verified_drop(values) -> float:
         return max(base_s - values[2], 0.0) + values[5]
 
-    def extend(current: tuple, predicted: float) -> tuple:
+    def extend(current: tuple, predicted: float, rejected: set[tuple[str, str]] | None = None) -> tuple:
         """The verified plan has slack: add the next candidates whose predicted drops, rescaled by how far
         the prediction overshot (per-layer drops rarely add up: int8 layers share their error), fit in
         it; verify; on failure retry with half as many, then skip the first one."""
         nonlocal plan
         scale = min(1.0, verified_drop(current) / predicted) if predicted > eps else 1.0
         cap = len(cands)
-        rejected: set[tuple[str, str]] = set()
+        rejected = set(rejected or ())
         while len(steps) < max_verifications:
             room = tgt.value - verified_drop(current)
             saved_used, saved_chosen = {k: set(v) for k, v in used.items()}, dict(chosen)
@@ -565,12 +566,25 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if is_met(current):
             current = extend(current, total)
         reverts = 0
+        singles: set[tuple[str, str]] = set()
+        repaired = False
         while not is_met(current) and plan and len(steps) < max_verifications:
             worst = sorted(plan, key=lambda e: (e.predicted_drop, e.damage), reverse=True)
             k = 1 if reverts < SINGLE_REVERTS else max(1, len(plan) // 2)
             gone, plan = worst[:k], worst[k:]
+            if k == 1:
+                singles.add((gone[0].technique, gone[0].layer))
             reverts += 1
+            repaired = True
             current = build(plan, "revert " + "+".join(e.layer for e in gone))
+        if repaired and is_met(current) and len(steps) < max_verifications:
+            # Halving may have reverted harmless changes too: offer them (not the single reverts) again.
+            used.clear()
+            chosen.clear()
+            for e in plan:
+                used.setdefault(e.layer, set()).add(_family(e.technique))
+                chosen.setdefault(_family(e.technique), e.technique)
+            current = extend(current, sum(e.predicted_drop for e in plan), singles)
         if not is_met(current):
             plan = []
             current = build(plan, "revert all (verification budget spent)")
