@@ -9,8 +9,15 @@ one layer (``include=LAYER``), runs the result in onnxruntime on the calibration
 - the MACs, parameters and bytes it saves against the *baseline* (the original after ``cleanup``, so
   each row shows that one change alone, not what cleanup saved);
 - optionally (``latency=True``) the latency ratio candidate / baseline (1 thread, interleaved runs);
+- optionally (``metric=``, ``labels=``) a user metric (:mod:`onnxslim_kit.usermetric`): its value and its
+  drop against the original's value on the same samples;
 - ``score`` = damage per unit saved: damage / (fraction of the MACs saved), or for a change that
   saves no MACs (quantization) damage / (fraction of the bytes saved). Lower is a better trade.
+
+A technique that fits anything to the calibration data (``Pass.reads_calibration()``: quantize-int8's
+ranges, prune-channels' refit, svd's whitening, GPTQ) is given the first half of the feeds and measured on
+the second half (``measured_on = "held-out"``): measured on the samples it was fitted on, a refit looks
+better than it is. The other techniques are measured on every feed (``measured_on = "all"``).
 
 Candidate layers: the named compute nodes of the baseline whose op type is Conv, ConvTranspose,
 MatMul or Gemm (unnamed ones are given a name first). Each technique decides for itself whether it
