@@ -141,9 +141,16 @@ def test_search_recipe_round_trip_reproduces_identical_bytes(tmp_path):
     out, recipe = tmp_path / "searched.onnx", tmp_path / "plan.toml"
     res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
                                     "--target", "accuracy_drop=0.02", "-t", PRUNE, "-t", SVD, "-t", INT8,
-                                    "--holdout", "0.25", "--save-recipe", str(recipe)])
+                                    "--holdout", "0.25", "--save-recipe", str(recipe), "--report",
+                                    str(tmp_path / "search.json")])
     assert res.exit_code == 0, res.output
     assert "held-out data" in res.output and "replay:" in res.output
+    import json
+
+    report = json.loads((tmp_path / "search.json").read_text())
+    assert report["met"] and report["target"] == "accuracy_drop=0.02" and report["holdout_samples"] == 4
+    assert report["plan"] and {"layer", "technique", "predicted_drop"} <= set(report["plan"][0])
+    assert report["verifications"] == len(report["steps"]) and report["search_drop"] <= 0.02
     text = recipe.read_text()
     assert "include = [" in text and (tmp_path / "plan.calib.npz").exists()
     replay = tmp_path / "replayed.onnx"
