@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 
 from .analyze import analyze  # noqa: E402
 from .api import compare, inspect, optimize  # noqa: E402
+from .search import search  # noqa: E402
 
-__all__ = ["optimize", "inspect", "compare", "analyze", "__version__"]
+__all__ = ["optimize", "inspect", "compare", "analyze", "search", "__version__"]

@@ -9,8 +9,15 @@ one layer (``include=LAYER``), runs the result in onnxruntime on the calibration
 - the MACs, parameters and bytes it saves against the *baseline* (the original after ``cleanup``, so
   each row shows that one change alone, not what cleanup saved);
 - optionally (``latency=True``) the latency ratio candidate / baseline (1 thread, interleaved runs);
+- optionally (``metric=``, ``labels=``) a user metric (:mod:`onnxslim_kit.usermetric`): its value and its
+  drop against the original's value on the same samples;
 - ``score`` = damage per unit saved: damage / (fraction of the MACs saved), or for a change that
   saves no MACs (quantization) damage / (fraction of the bytes saved). Lower is a better trade.
+
+A technique that fits anything to the calibration data (``Pass.reads_calibration()``: quantize-int8's
+ranges, prune-channels' refit, svd's whitening, GPTQ) is given the first half of the feeds and measured on
+the second half (``measured_on = "held-out"``): measured on the samples it was fitted on, a refit looks
+better than it is. The other techniques are measured on every feed (``measured_on = "all"``).
 
 Candidate layers: the named compute nodes of the baseline whose op type is Conv, ConvTranspose,
 MatMul or Gemm (unnamed ones are given a name first). Each technique decides for itself whether it
@@ -102,6 +109,10 @@ class Evaluation:
     macs_unresolved: list[str] = field(default_factory=list)  # changed nodes whose MACs are unknown
     latency_ratio: float | None = None      # candidate / baseline median latency (latency=True)
     score: float | None = None              # damage per fraction saved (MACs, else bytes); lower is better
+    metric: str | None = None               # --metric: its name, the candidate's value and the drop
+    metric_score: float | None = None       # vs the original's own value on the same samples
+    metric_drop: float | None = None
+    measured_on: str = "all"               # all | held-out (fit on the first half of the feeds)
     seconds: float = 0.0
     cached: bool = False                    # reused from the cache (not part of the cached entry)
 
@@ -113,6 +124,8 @@ class Evaluation:
             "params_saved": self.params_saved, "bytes_saved": self.bytes_saved,
             "macs_saved_fraction": self.macs_saved_fraction, "bytes_saved_fraction": self.bytes_saved_fraction,
             "macs_unresolved": self.macs_unresolved, "latency_ratio": _json_float(self.latency_ratio), "score": _json_float(self.score),
+            "metric": self.metric, "metric_score": _json_float(self.metric_score),
+            "metric_drop": _json_float(self.metric_drop), "measured_on": self.measured_on,
             "seconds": round(self.seconds, 4), "cached": self.cached,
         }
 
@@ -127,6 +140,8 @@ class Evaluation:
                    bytes_saved_fraction=float(d.get("bytes_saved_fraction", 0.0)),
                    macs_unresolved=list(d.get("macs_unresolved", [])),
                    latency_ratio=_num(d.get("latency_ratio")), score=_num(d.get("score")),
+                   metric=d.get("metric"), metric_score=_num(d.get("metric_score")),
+                   metric_drop=_num(d.get("metric_drop")), measured_on=d.get("measured_on", "all"),
                    seconds=float(d.get("seconds", 0.0)))
 
     def sort_key(self) -> tuple:
@@ -156,6 +171,7 @@ class AnalysisReport:
     latency: bool = False
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    layer_weights: dict[str, int] = field(default_factory=dict)  # elements of each layer's constant weight
 
     def ranked(self) -> list[Evaluation]:
         return sorted(self.evaluations, key=lambda e: e.sort_key())
@@ -197,14 +213,25 @@ class _State:
     stats: dict[str, int]                  # baseline params, macs, bytes
     unresolved: list[str]                  # baseline nodes whose MACs are unknown
     latency: bool
+    metric: Any = None                     # usermetric.Metric or None
+    labels: np.ndarray | None = None       # one per sample of all feeds, in order
+    counts: list[int] = field(default_factory=list)  # samples per feed
+
+    def split(self) -> tuple[list[int], list[int]]:
+        """(fit, measure) feed indices for a technique that reads calibration data: the first half
+        fits, the second half measures (with fewer than 2 feeds, both are every feed)."""
+        n = len(self.feeds)
+        if n < 2:
+            return list(range(n)), list(range(n))
+        return list(range(n // 2)), list(range(n // 2, n))
 
     def proto(self) -> onnx.ModelProto:
         """A fresh baseline proto for each evaluation: nothing one evaluation does (a pass that
         touches the proto it was loaded from) can leak into the next one."""
         return onnx.ModelProto.FromString(self.baseline)
 
-    def calibration(self) -> CalibrationData:
-        feeds = self.feeds
+    def calibration(self, indices: list[int] | None = None) -> CalibrationData:
+        feeds = self.feeds if indices is None else [self.feeds[i] for i in indices]
         return CalibrationData(lambda: iter(feeds), length=len(feeds), num_samples=len(feeds),
                                source=self.source, is_random=self.is_random)
 
@@ -235,10 +262,16 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
     start = time.perf_counter()
     ev = Evaluation(technique=technique, layer=layer, op=op, status="ok")
     name, options = parse_spec(technique)
+    measure = list(range(len(state.feeds)))
     try:
         p = build_pass(name, {**options, "include": [layer]})
+        fit = None
+        if p.reads_calibration() and len(state.feeds) >= 2:
+            # Measured on feeds the pass did not fit on (an in-sample refit/range looks better than it is).
+            fit, measure = state.split()
+            ev.measured_on = "held-out"
         baseline = state.proto()
-        ctx = PassContext(calibration=state.calibration(), calibration_is_random=state.is_random,
+        ctx = PassContext(calibration=state.calibration(fit), calibration_is_random=state.is_random,
                           input_shapes=dict(state.input_shapes), seed=state.seed, reference=state.proto())
         model, records = Pipeline([p]).run(Model.from_proto(baseline, source="<analyze>"), ctx)
     except OnnxSlimError as exc:
@@ -256,7 +289,7 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
     proto = model.to_proto()
     try:
         session = make_session(proto, threads=1)
-        values = [session.run(state.output_names, feed) for feed in state.feeds]
+        values = [session.run(state.output_names, state.feeds[i]) for i in measure]
         del session
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         ev.status = "error"
@@ -264,8 +297,9 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
         ev.seconds = time.perf_counter() - start
         return ev
     damages, cosines, snrs = [], [], []
+    reference = [state.reference[i] for i in measure]
     for i, out in enumerate(state.output_names):
-        m = metrics_for(out, (r[out] for r in state.reference), (v[i] for v in values), _METRICS_ONLY)
+        m = metrics_for(out, (r[out] for r in reference), (v[i] for v in values), _METRICS_ONLY)
         d = _output_damage(m) if not m.reason else 1.0
         damages.append(d)
         if m.cosine is not None and not math.isnan(m.cosine):
@@ -278,6 +312,14 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
     ev.damage = max(damages) if damages else 0.0
     ev.cosine = min(cosines) if cosines else None
     ev.snr_db = min(snrs) if snrs else None
+    if state.metric is not None:
+        from .usermetric import split_labels
+
+        outs = [dict(zip(state.output_names, v)) for v in values]
+        labels = split_labels(state.labels, state.counts, measure)
+        ev.metric = state.metric.name
+        ev.metric_score = state.metric.score(outs, reference, labels)
+        ev.metric_drop = state.metric.baseline(reference, labels) - ev.metric_score
     after = model_stats(proto, state.input_shapes or None)
     base = state.stats
     # A node whose MACs cannot be computed (e.g. a com.microsoft MatMulNBits that shape inference does
@@ -398,7 +440,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
             techniques: Iterable[str] | None = None, workers: int | None = None,
             cache: str | os.PathLike | None = None, latency: bool = False, input_shapes: Any = None,
             seed: int = 0, num_samples: int = 8, batch_size: int | None = None,
-            progress: Progress | None = None) -> "AnalysisReport":
+            progress: Progress | None = None, metric: Any = None, labels: Any = None) -> "AnalysisReport":
     """Per-layer sensitivity of ``model`` to each technique (see the module doc).
 
     ``techniques``: pass specs that take an ``include`` option (default: :data:`DEFAULT_TECHNIQUES`).
@@ -406,11 +448,21 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     processes (None: the CPU count; 1: inline). ``cache``: JSON-lines file to resume from and append
     to. ``latency``: also time each candidate against the baseline (slow, noisy). ``progress``: an
     ``(iterable, label) -> iterable`` wrapper over the evaluations still to compute; an exception it
-    raises stops the analysis (what finished is already in the cache).
+    raises stops the analysis (what finished is already in the cache). ``metric``: also score every
+    candidate with a user metric (``top1|cosine|snr|module:function``, see :mod:`onnxslim_kit.usermetric`)
+    and record its drop against the original; ``labels``: one integer label per calibration sample.
+
+    A technique that fits anything to the calibration data (``Pass.reads_calibration``: quantize-int8's
+    ranges, prune-channels' refit, svd's whitening) sees the first half of the feeds only and is measured
+    on the second half (``measured_on = "held-out"``); the others are measured on every feed.
     """
     from .api import _data, _load, _shapes
+    from .usermetric import load_labels, parse_metric, sample_counts
 
     start = time.perf_counter()
+    scorer = None
+    if metric is not None or labels is not None:
+        scorer = parse_metric(metric if metric is not None else "top1")
     specs = [_normalise_technique(t) for t in (techniques or DEFAULT_TECHNIQUES)]
     specs = list(dict.fromkeys(specs))
     if workers is None:
@@ -428,6 +480,8 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     shapes = _shapes(input_shapes)
     data = _data(original, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
     feeds = [{k: np.array(v) for k, v in feed.items()} for feed in data]
+    counts = sample_counts(feeds)
+    label_array = load_labels(labels, sum(counts))
 
     # Reference outputs of the original (1 thread, no graph optimizations, as the parity gate does).
     try:
@@ -455,6 +509,10 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
                 node.name = base_model.unique_name(node.op.lower())
             layers.append((node.name, node.op))
     base_proto = base_model.to_proto()
+    init_sizes = {t.name: int(np.prod(t.dims)) for t in base_proto.graph.initializer}
+    layer_names = {layer for layer, _ in layers}
+    layer_weights = {n.name: init_sizes[n.input[1]] for n in base_proto.graph.node
+                     if n.name in layer_names and len(n.input) > 1 and n.input[1] in init_sizes}
     fingerprint = base_model.fingerprint()
     orig_stats = model_stats(original, shapes or None)
     base_stats = model_stats(base_proto, shapes or None)
@@ -463,14 +521,19 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
                    output_names=output_names, input_shapes=shapes, seed=seed, is_random=data.is_random,
                    source=data.source, stats={"params": base_stats.params, "macs": base_stats.macs,
                                               "bytes": base_stats.bytes},
-                   unresolved=list(base_stats.unresolved), latency=latency)
+                   unresolved=list(base_stats.unresolved), latency=latency, metric=scorer, labels=label_array,
+                   counts=counts)
+    if scorer is not None:  # a metric that cannot score the original fails here, once, with one line
+        scorer.baseline(reference, label_array)
+    labels_id = (hashlib.sha256(label_array.tobytes()).hexdigest()[:16] if label_array is not None else None)
 
     tasks = [(t, layer, op) for t in specs for layer, op in layers]
     results: dict[int, Evaluation] = {}
     todo: list[tuple[int, str, str, str, str, dict]] = []
     for i, (t, layer, op) in enumerate(tasks):
         fields = {"model": fingerprint, "technique": t, "layer": layer, "calibration": calib_id,
-                  "latency": latency, "seed": seed}
+                  "latency": latency, "seed": seed, "measure": "heldout-half/1",
+                  "metric": scorer.spec if scorer is not None else None, "labels": labels_id}
         key = _cache_key(fields)
         hit = store.get(key)
         if hit is not None:
@@ -536,4 +599,5 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
         original={"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes},
         calibration_source=data.source, calibration_is_random=data.is_random, calibration_id=calib_id,
         model_fingerprint=fingerprint, workers=workers, computed=computed, reused=len(tasks) - len(todo),
-        cache=store.path, latency=latency, seconds=time.perf_counter() - start, warnings=warnings)
+        cache=store.path, latency=latency, seconds=time.perf_counter() - start, warnings=warnings,
+        layer_weights=layer_weights)

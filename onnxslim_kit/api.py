@@ -81,8 +81,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
              calibration: Any = None, input_shapes: Any = None,
              tolerance: Tolerance | dict[str, float] | None = None, check: str = "end", locate: bool = False,
              output: str | os.PathLike | None = None, seed: int = 0, num_samples: int = 8,
-             batch_size: int | None = None, progress: Progress | None = None, overwrite: bool = False
-             ) -> tuple[onnx.ModelProto, Report]:
+             batch_size: int | None = None, progress: Progress | None = None, overwrite: bool = False,
+             target: Any = None, metric: Any = None, labels: Any = None, techniques: Any = None,
+             workers: int | None = 1, holdout: float = 0.0, max_verifications: int = 8,
+             save_recipe: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+             confidence: float = 0.95) -> tuple[onnx.ModelProto, Report]:
     """Run a pipeline on ``model``, check parity against the original, and optionally write the result.
 
     ``passes``: None (the default pipeline, ``cleanup``), a list of specs such as
@@ -97,7 +100,21 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     without ever holding all its weights in memory: weights are memory maps of its file, the output is
     written with external data next to ``output`` and checked from there, and the returned proto
     references that written data instead of holding it (with ``output=None`` it holds the weights).
+
+    ``target`` (``"accuracy_drop=0.01"``, ``"size=0.25x"``, ``"latency=0.5x"``) runs the accuracy-aware
+    search instead of a pipeline (see :func:`onnxslim_kit.search.search`; ``metric``, ``labels``,
+    ``techniques``, ``workers``, ``holdout``, ``max_verifications``, ``cache``, ``confidence`` go to it) and returns
+    ``(model, SearchResult)``. The verified target is the gate of that run: the model is written only
+    when it is met (else :class:`ParityError`, nothing written); ``save_recipe`` writes the plan as TOML.
     """
+    if target is not None:
+        return _optimize_to_target(model, target=target, calibration=calibration, input_shapes=input_shapes,
+                                   output=output, seed=seed, num_samples=num_samples, batch_size=batch_size,
+                                   progress=progress, overwrite=overwrite, metric=metric, labels=labels,
+                                   techniques=techniques, workers=workers, holdout=holdout,
+                                   max_verifications=max_verifications, save_recipe=save_recipe, cache=cache,
+                                   confidence=confidence,
+                                   passes=passes, recipe=recipe, tolerance=tolerance, check=check)
     start = time.perf_counter()
     if check not in CHECK_MODES:
         raise InputError(f"--check {check!r}: expected one of {', '.join(CHECK_MODES)}")
@@ -196,6 +213,36 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     report.written = written
     report.seconds = time.perf_counter() - start
     return out_proto, report
+
+
+def _optimize_to_target(model, *, target, passes, recipe, tolerance, check, output, overwrite, save_recipe,
+                        **kwargs):
+    from .search import search
+
+    if passes is not None or recipe is not None:
+        raise InputError("--target runs the search: give it without -p/--pass or --recipe")
+    if tolerance is not None:
+        raise InputError("--target is the gate of a search run: --tolerance does not apply")
+    if check != "end":
+        raise InputError("--target verifies the result itself: --check does not apply")
+    if output is not None:
+        label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        out_path = Path(output).resolve()
+        if label is not None and out_path == Path(label).resolve() and not overwrite:
+            raise InputError(f"{output}: output would overwrite the input model (pass --overwrite to allow)")
+        if not out_path.parent.is_dir():
+            raise InputError(f"{output}: output folder {out_path.parent} does not exist")
+    if save_recipe is not None and not Path(save_recipe).resolve().parent.is_dir():
+        raise InputError(f"{save_recipe}: recipe folder does not exist")
+    result = search(model, target=target, **kwargs)
+    if not result.met:
+        raise ParityError(f"target {result.target.describe()} not met: {result.message}; nothing written")
+    if save_recipe is not None:
+        result.recipe_calibration = result.save_recipe(save_recipe)
+        result.recipe_path = os.fspath(save_recipe)
+    if output is not None:
+        save_proto(result.model, output)
+    return result.model, result
 
 
 def inspect(model: str | os.PathLike | onnx.ModelProto, *, input_shapes: Any = None) -> ModelStats:

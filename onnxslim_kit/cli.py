@@ -24,6 +24,7 @@ Examples:
   onnxslim-kit inspect model.onnx --input-shape input_ids:1,128
   onnxslim-kit bench model.onnx slim.onnx --runs 50
   onnxslim-kit analyze model.onnx --calib calib.npz --json sensitivity.json --cache sensitivity.jsonl
+  onnxslim-kit optimize model.onnx -o small.onnx --calib calib.npz --target accuracy_drop=0.01 --save-recipe plan.toml
 """
 
 
@@ -114,6 +115,18 @@ _tolerance_option = click.option(
     help="Override the parity bound (repeatable): atol, rtol, cosine, snr (dB), top1.")
 
 
+_metric_option = click.option(
+    "--metric", default=None, metavar="NAME",
+    help="top1, cosine, snr or MODULE:FUNCTION: how outputs are scored against the original's: top1 (argmax agreement with --labels, else with "
+         "the original), cosine (smallest output cosine), snr (dB), or a Python function "
+         "f(outputs, reference_outputs[, labels]) -> float, higher is better (lists of {output: array} per "
+         "feed). Default: top1 with --labels, else cosine.")
+_labels_option = click.option(
+    "--labels", type=click.Path(), default=None, metavar="FILE",
+    help="One integer label per calibration sample, in order: a .npy array or a .npz with one array "
+         "(never unpickled).")
+
+
 def _parse_tolerances(items) -> dict[str, float] | None:
     if not items:
         return None
@@ -149,15 +162,69 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @click.option("--samples", default=8, show_default=True, help="Number of random samples when no --calib is given.")
 @click.option("--batch-size", type=int, default=None, help="Rows per feed for dynamic-batch inputs (default 1).")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input file.")
+@click.option("--target", default=None, metavar="KIND=VALUE",
+              help="accuracy_drop=D, size=Rx or latency=Rx: search for a per-layer plan of techniques that meets "
+                   "this target instead of running "
+                   "passes (excludes -p/--recipe): the metric may drop by at most D vs the original, or the "
+                   "size / median latency is at most R times the original's. The plan is verified end to "
+                   "end; the model is written only if the target is met.")
+@_metric_option
+@_labels_option
+@click.option("-t", "--technique", "techniques", multiple=True, metavar="PASS[:key=value,...]",
+              help="With --target: a technique the search may apply per layer (repeatable; default: "
+                   "quantize-int8, quantize-weights:bits=4, prune-channels:ratio=0.5, svd:energy=0.9).")
+@click.option("-j", "--workers", type=int, default=1, show_default=True,
+              help="With --target: worker processes for the per-layer analysis.")
+@click.option("--holdout", type=float, default=0.0, show_default=True,
+              help="With --target: share of the calibration feeds (seeded) kept out of the search and only "
+                   "scored at the end, e.g. 0.5.")
+@click.option("--max-verifications", type=int, default=8, show_default=True,
+              help="With --target: most end-to-end builds the search may use to repair or extend the plan.")
+@click.option("--save-recipe", type=click.Path(), default=None,
+              help="With --target: write the plan as a TOML recipe that --recipe replays to the same model "
+                   "(with the same calibration data; with --holdout, the search share of it).")
+@click.option("--cache", type=click.Path(), default=None,
+              help="With --target: JSON-lines cache of the per-layer analysis (see analyze --cache).")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="With --target and --metric top1: the verified drop plus z(confidence) * sqrt(samples whose "
+                   "correctness changed) / samples must be within the target (guards against passing on the "
+                   "search samples by luck); 0 checks the drop alone.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,
-             seed, samples, batch_size, overwrite, quiet):
-    """Optimize MODEL and write it to OUTPUT if it passes the parity gate."""
+             seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, holdout,
+             max_verifications, save_recipe, cache, confidence, quiet):
+    """Optimize MODEL and write it to OUTPUT if it passes the parity gate.
+
+    With a target (accuracy_drop, size or latency), a per-layer plan is searched instead and written
+    only if its end-to-end verification meets the target.
+    """
     from .api import optimize as run
-    from .report import render
+    from .report import render, render_search
 
     ctx.obj.update(quiet=quiet, report_path=report_path)
+    if target is None:
+        given = [name for name, value in (("--metric", metric), ("--labels", labels), ("-t/--technique", techniques),
+                                          ("--holdout", holdout), ("--save-recipe", save_recipe),
+                                          ("--cache", cache)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)}: only with --target")
+    else:
+        if passes or recipe:
+            raise InputError("--target runs the search: give it without -p/--pass or --recipe")
+        _, result = run(model, target=target, calibration=calib, input_shapes=list(input_shapes),
+                        tolerance=_parse_tolerances(tolerances), check=check, output=output, seed=seed,
+                        num_samples=samples, batch_size=batch_size, progress=_progress_factory(quiet),
+                        overwrite=overwrite, metric=metric, labels=labels, techniques=list(techniques) or None,
+                        workers=workers, holdout=holdout, max_verifications=max_verifications,
+                        save_recipe=save_recipe, cache=cache, confidence=confidence)
+        if report_path:
+            with open(report_path, "w", encoding="utf-8") as fh:
+                json.dump(_json_safe(result.to_dict()), fh, indent=2)
+                fh.write("\n")
+        if not quiet:
+            click.echo(render_search(result))
+        return
     _, report = run(model, passes=list(passes) or None, recipe=recipe, calibration=calib,
                     input_shapes=list(input_shapes), tolerance=_parse_tolerances(tolerances), check=check,
                     locate=locate, output=output, seed=seed, num_samples=samples, batch_size=batch_size,
@@ -266,10 +333,12 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
 @click.option("--seed", default=0, show_default=True, help="Seed for random calibration data and passes.")
 @click.option("--samples", default=8, show_default=True, help="Number of random samples when no --calib is given.")
 @click.option("--top", type=int, default=None, help="Show only the first N rows of the table.")
+@_metric_option
+@_labels_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (use with --json).")
 @click.pass_context
 def analyze(ctx, model, calib, techniques, workers, json_path, cache, latency, input_shapes, seed, samples, top,
-            quiet):
+            metric, labels, quiet):
     """Per-layer sensitivity: apply each technique to one layer at a time and measure the damage.
 
     Every evaluation runs cleanup plus one technique restricted to one layer (Conv, ConvTranspose,
@@ -283,7 +352,7 @@ def analyze(ctx, model, calib, techniques, workers, json_path, cache, latency, i
     ctx.obj.update(quiet=quiet)
     report = run(model, calib, techniques=list(techniques) or None, workers=workers, cache=cache,
                  latency=latency, input_shapes=list(input_shapes), seed=seed, num_samples=samples,
-                 progress=_progress_factory(quiet))
+                 progress=_progress_factory(quiet), metric=metric, labels=labels)
     if json_path:
         report.to_json(json_path)
     if not quiet:

@@ -151,6 +151,11 @@ class Pass(abc.ABC):
 
         return {opt.name: getattr(self, opt.name, opt.default) for opt in pass_options(type(self))}
 
+    def reads_calibration(self) -> bool:
+        """Whether this configured pass fits anything to the calibration data (ranges, refits,
+        whitening): then its damage must be measured on samples it did not see (``analyze``)."""
+        return bool(self.needs)
+
     def requires(self, model: Model, ctx: PassContext) -> None:
         """Preconditions; raise :class:`PassError` with a clear message to refuse the whole model."""
 

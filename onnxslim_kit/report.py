@@ -195,6 +195,7 @@ def render(report: Report, *, max_skips: int = 5) -> str:
 def render_analysis(report, *, top: int | None = None) -> str:
     """Per-layer sensitivity table, best trade first (damage per fraction saved), then skipped rows."""
     rows, skipped = [], []
+    metric = next((e.metric for e in report.evaluations if e.metric), None)
     for e in report.ranked():
         if e.status != "ok":
             skipped.append(f"  {e.technique} {e.layer}: {e.status}: {e.reason}")
@@ -203,12 +204,16 @@ def render_analysis(report, *, top: int | None = None) -> str:
                human_count(e.params_saved), human_bytes(e.bytes_saved), e.score]
         if report.latency:
             row.insert(9, e.latency_ratio)
+        if metric:
+            row += [e.metric_drop, e.measured_on]
         rows.append(row)
     shown = rows[:top] if top else rows
     headers = ["technique", "layer", "op", "damage", "cosine", "snr dB", "MACs saved", "params saved",
                "bytes saved", "damage/saved"]
     if report.latency:
         headers.insert(9, "latency x")
+    if metric:
+        headers += [f"{metric} drop", "measured on"]
     lines = [f"{report.source}: {len(report.evaluations)} evaluation(s) ({report.computed} computed, "
              f"{report.reused} from the cache) on {report.calibration_source}, {report.workers} worker(s), "
              f"{report.seconds:.1f}s",
@@ -223,4 +228,44 @@ def render_analysis(report, *, top: int | None = None) -> str:
         lines.extend(skipped)
     for w in report.warnings:
         lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def render_search(result) -> str:
+    """The plan (one row per layer and technique) and the verified result of a search."""
+    rows = [[e.layer, e.op, e.technique, e.predicted_drop, e.damage, f"{100 * e.macs_saved_fraction:.1f}%",
+             human_bytes(e.bytes_saved)] for e in result.plan]
+    lines = [f"search: target {result.target.describe()}, metric {result.metric}; {result.candidates} candidate(s) "
+             f"from {len(result.analysis.evaluations) if result.analysis else 0} evaluation(s); "
+             f"{result.verifications} end-to-end verification(s); {result.seconds:.1f}s", ""]
+    lines.append(table(["layer", "op", "technique", "predicted drop", "damage", "MACs saved", "bytes saved"], rows)
+                 if rows else "(empty plan: cleanup only)")
+    lines.append("")
+    for step in result.steps:
+        lines.append(f"  verify {step.action}: {step.entries} change(s), drop {step.search_drop:.6g}"
+                     + (f" + margin {step.margin:.4g}" if step.margin else "") + f", size "
+                     f"{step.size_ratio:.4f}x" + (f", latency {step.latency_ratio:.3f}x" if step.latency_ratio else "")
+                     + (" (met)" if step.met else " (not met)"))
+    macs = f"{result.macs_ratio:.4f}x" if result.macs_ratio is not None else "unknown"
+    lines.append(f"result: {result.message}")
+    lines.append(f"  {result.metric} on the search data ({result.search_samples} sample(s)): original "
+                 f"{result.baseline_score:.6g}, result {result.search_score:.6g}, drop {result.search_drop:.6g}")
+    if result.holdout_drop is not None:
+        lines.append(f"  {result.metric} on held-out data ({result.holdout_samples} sample(s), not seen by the "
+                     f"search): original {result.holdout_baseline:.6g}, result {result.holdout_score:.6g}, drop "
+                     f"{result.holdout_drop:.6g}")
+    lines.append(f"  size {human_bytes(result.original['bytes'])} -> {human_bytes(result.result['bytes'])} "
+                 f"({result.size_ratio:.4f}x), MACs {macs}"
+                 + (f", latency {result.latency_ratio:.3f}x" if result.latency_ratio is not None else ""))
+    if result.recipe_path:
+        rows_per_feed = {len(next(iter(f.values()))) for f in result.fit_feeds if f}
+        if result.recipe_calibration:
+            batch = f" --batch-size {rows_per_feed.pop()}" if len(rows_per_feed) == 1 and 1 not in rows_per_feed else ""
+            lines.append(f"recipe: {result.recipe_path}; replay: onnxslim-kit optimize {result.source} -o OUT "
+                         f"--recipe {result.recipe_path} --calib {result.recipe_calibration}{batch}")
+        else:
+            why = ("the search ran on seeded random data" if result.fit_is_random else
+                   "its calibration feeds do not stack into one .npz")
+            lines.append(f"recipe: {result.recipe_path} ({why}: a byte-identical replay needs the same feeds "
+                         f"through the Python API, SearchResult.fit_feeds)")
     return "\n".join(lines)

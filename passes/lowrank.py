@@ -244,6 +244,10 @@ class LowRankSVD(Pass):
         return ranks, before, current
 
     # -- the pass -----------------------------------------------------------------------------------
+    def reads_calibration(self) -> bool:
+        return (self.whiten != "false" or self.refit or self.max_error is not None or self.budget is not None
+                or self.rank_by == "outputs")
+
     def requires(self, model: Model, ctx: PassContext) -> None:
         require_nodes(model, self.include)
 

@@ -359,6 +359,9 @@ class PruneChannels(Pass):
     def requires(self, model: Model, ctx: PassContext) -> None:
         require_nodes(model, self.include)
 
+    def reads_calibration(self) -> bool:
+        return IMPORTANCE[self.criterion].needs_data or self.reconstruct != "false"
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         warnings: list[str] = []

@@ -458,6 +458,9 @@ class QuantizeWeights(Pass):
         self.min_cosine = min_cosine
         self.tolerance = Tolerance(min_cosine=min_cosine)
 
+    def reads_calibration(self) -> bool:
+        return bool(self.gptq)
+
     def requires(self, model: Model, ctx: PassContext) -> None:
         refuse_quantized(model)
         if self.gptq and ctx.calibration is None:

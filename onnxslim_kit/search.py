@@ -1,0 +1,673 @@
+"""Accuracy-aware search: combine per-layer measurements into a plan that meets a target.
+
+Targets (:func:`parse_target`):
+
+- ``accuracy_drop=D``: the metric (:mod:`onnxslim_kit.usermetric`) may drop by at most ``D`` against the
+  original on the search data (``cosine``: the original scores 1.0, so ``accuracy_drop=0.01`` means the
+  smallest output cosine stays >= 0.99; ``top1`` with labels: accuracy may drop by ``D``);
+- ``size=Rx``: the model's bytes at most ``R`` times the original's;
+- ``latency=Rx``: the median latency (onnxruntime, interleaved with the original) at most ``R`` times
+  the original's.
+
+How (:func:`search`):
+
+1. ``analyze`` measures every technique on every layer alone (on the search data only: with
+   ``holdout`` a seeded share of the calibration feeds is set aside and never seen by the search).
+2. Candidates (one technique on one layer, status ok, something saved) are ordered by predicted damage
+   per unit saved: the metric drop (clamped at 0; the 1 - cosine damage breaks ties) per fraction of the
+   baseline's MACs + bytes saved (``accuracy_drop``), per fraction of the bytes saved (``size``) or of
+   the MACs saved (``latency``). A layer gets at most one technique of each family (prune, low-rank,
+   quantization), applied in that order; a plan uses one quantization technique (the first the order
+   reaches: a quantization pass refuses an already quantized model).
+3. ``accuracy_drop``: candidates are accumulated while the sum of their predicted drops stays within the
+   target. ``size`` / ``latency``: while the estimated ratio is above the target.
+4. The plan is built as one pipeline (``cleanup``, then prune, low-rank and quantization passes, each
+   with an ``include`` list) and verified end to end, cross-fitted: built with its passes fitted on the
+   first half of the search feeds (the model returned) and on the second half, each half scored by the
+   build that did not see it. ``accuracy_drop``
+   repair: while the verified drop is above the target, the entry with the largest predicted damage is
+   reverted (after ``SINGLE_REVERTS`` single reverts, the worse half of the remaining entries at once),
+   at most ``max_verifications`` builds; an empty plan is cleanup alone, which always meets the target.
+   A verified plan with slack (after the greedy, or after a repair: then without the changes reverted
+   one at a time) is *extended*: the next candidates whose predicted drops, rescaled by
+   verified / predicted, fit in the slack are added and verified (a failure halves the batch, then skips
+   the candidate), within the same ``max_verifications``: per-layer drops do not add up (int8 layers share
+   the error of quantizing a common input), so the additive prediction is often pessimistic.
+   With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``); a
+   metric that improves on the search data is counted as no drop (the gain is not credited).
+   ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
+   the target is reported as not met; then the worst trades (predicted drop per share saved) are
+   reverted one at a time while the target still holds.
+5. The plan is a TOML recipe (:meth:`SearchResult.recipe`) that ``optimize --recipe`` replays to the
+   same bytes given the same calibration data (the search half when ``holdout`` > 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+
+from .calibration import CalibrationData
+from .errors import InputError, OnnxSlimError
+from .ir import Model
+from .metrics import model_stats
+from .pass_base import PassContext
+from .pipeline import Pipeline, build_pass, parse_spec
+from .runtime import make_session, time_sessions
+from .usermetric import Metric, load_labels, parse_metric, sample_counts, split_labels, top1_discordant
+
+logger = logging.getLogger(__name__)
+
+TARGET_KINDS = ("accuracy_drop", "size", "latency")
+# Pipeline order of the technique families: structure first, then factorization, then storage.
+FAMILY = {"prune-channels": "prune", "prune-weights": "prune", "svd": "lowrank", "quantize-int8": "quantize",
+          "quantize-weights": "quantize", "quantize-dynamic": "quantize", "fp16": "quantize"}
+FAMILY_ORDER = ("prune", "lowrank", "quantize", "other")
+SINGLE_REVERTS = 3
+
+Progress = Callable[[Iterable, str], Iterable]
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str        # accuracy_drop | size | latency
+    value: float
+
+    def describe(self) -> str:
+        return f"{self.kind}={self.value:g}" + ("x" if self.kind != "accuracy_drop" else "")
+
+
+def parse_target(spec: str | Target) -> Target:
+    """``accuracy_drop=0.01``, ``size=0.25x``, ``latency=0.5x`` -> :class:`Target`."""
+    if isinstance(spec, Target):
+        return spec
+    text = str(spec).strip()
+    key, eq, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not eq or key not in TARGET_KINDS:
+        raise InputError(f"--target {text!r}: expected accuracy_drop=D, size=Rx or latency=Rx")
+    value = value.strip()
+    if key != "accuracy_drop":
+        value = value[:-1] if value.lower().endswith("x") else value
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"--target {text!r}: {value!r} is not a number") from None
+    if key == "accuracy_drop" and not 0.0 <= number < math.inf:
+        raise InputError(f"--target {text!r}: the drop must be >= 0")
+    if key != "accuracy_drop" and not 0.0 < number <= 1.0:
+        raise InputError(f"--target {text!r}: the ratio must be in (0, 1]")
+    return Target(key, number)
+
+
+@dataclass
+class PlanEntry:
+    layer: str
+    op: str
+    technique: str
+    predicted_drop: float      # the metric drop measured for this change alone (clamped at 0)
+    damage: float              # 1 - min cosine for this change alone
+    macs_saved_fraction: float
+    bytes_saved_fraction: float
+    bytes_saved: int
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "op": self.op, "technique": self.technique,
+                "predicted_drop": self.predicted_drop, "damage": self.damage,
+                "macs_saved_fraction": self.macs_saved_fraction,
+                "bytes_saved_fraction": self.bytes_saved_fraction, "bytes_saved": self.bytes_saved}
+
+
+@dataclass
+class Step:
+    """One end-to-end verification of a plan."""
+
+    entries: int
+    action: str                # greedy | revert LAYER(S) | add N
+    search_score: float
+    search_drop: float
+    size_ratio: float
+    latency_ratio: float | None
+    met: bool
+    margin: float = 0.0        # top1: z * sqrt(discordant samples) / samples, added to the drop
+
+    def to_dict(self) -> dict:
+        return {"entries": self.entries, "action": self.action, "search_score": _jf(self.search_score),
+                "search_drop": _jf(self.search_drop), "margin": self.margin, "size_ratio": self.size_ratio,
+                "latency_ratio": self.latency_ratio, "met": self.met}
+
+
+def _jf(x: float | None):
+    if x is None or math.isfinite(x):
+        return x
+    return "inf" if x > 0 else "-inf"
+
+
+@dataclass
+class SearchResult:
+    target: Target
+    metric: str
+    plan: list[PlanEntry]
+    met: bool
+    message: str
+    model: onnx.ModelProto
+    pipeline: Pipeline
+    steps: list[Step]
+    baseline_score: float                  # the original's metric on the search data
+    search_score: float
+    search_drop: float
+    holdout_baseline: float | None         # the same on the held-out feeds (holdout > 0)
+    holdout_score: float | None
+    holdout_drop: float | None
+    search_samples: int                    # the search's samples, each scored by a build not fitted on it
+    holdout_samples: int
+    original: dict[str, int]               # params, macs, bytes
+    result: dict[str, int]
+    latency_ratio: float | None            # measured (latency targets) or None
+    candidates: int
+    analysis: Any = None                   # the AnalysisReport the plan came from
+    fit_feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # what the passes saw
+    fit_samples: int = 0
+    source: str = ""
+    fit_is_random: bool = False
+    recipe_path: str | None = None         # set when the recipe was saved (CLI --save-recipe)
+    recipe_calibration: str | None = None  # the fit feeds saved beside it
+    seconds: float = 0.0
+
+    @property
+    def verifications(self) -> int:
+        return len(self.steps)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.result["bytes"] / self.original["bytes"] if self.original["bytes"] else 1.0
+
+    @property
+    def macs_ratio(self) -> float | None:
+        """None when some of the result's nodes have no known MAC count (e.g. MatMulNBits)."""
+        if self.result.get("macs_unresolved"):
+            return None
+        return self.result["macs"] / self.original["macs"] if self.original["macs"] else 1.0
+
+    def recipe(self) -> str:
+        """The plan as a TOML recipe (``optimize --recipe``)."""
+        head = [f"# onnxslim-kit search plan: target {self.target.describe()}, metric {self.metric}",
+                f"# passes fitted on {self.fit_samples} sample(s); verified (cross-fitted) on {self.search_samples} "
+                f"search sample(s): drop {self.search_drop:.6g}"
+                + (f"; held-out ({self.holdout_samples}): drop {self.holdout_drop:.6g}"
+                   if self.holdout_drop is not None else ""),
+                f"# size {self.size_ratio:.4f}x, MACs "
+                + (f"{self.macs_ratio:.4f}x" if self.macs_ratio is not None else "unknown (unresolved nodes)")
+                + " of the original",
+                "# replays to the same bytes with the calibration feeds the passes were fitted on "
+                "(SearchResult.fit_feeds; the CLI's --save-recipe writes them next to the recipe)",
+                ""]
+        return "\n".join(head) + self.pipeline.to_toml()
+
+    def save_recipe(self, path: str | os.PathLike) -> str | None:
+        """Write the recipe; with its calibration feeds as ``<path without .toml>.calib.npz`` when they
+        stack into one array per input (returns that path, or None)."""
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.recipe())
+        feeds = self.fit_feeds
+        if self.fit_is_random or not feeds or any(set(f) != set(feeds[0]) for f in feeds):
+            return None  # random data reloaded from a file would count as real data (passes differ)
+        stacked = {}
+        for key in feeds[0]:
+            arrays = [np.asarray(f[key]) for f in feeds]
+            if any(a.ndim == 0 or a.shape[1:] != arrays[0].shape[1:] or a.dtype != arrays[0].dtype for a in arrays):
+                return None
+            stacked[key] = np.concatenate(arrays, axis=0)
+        base = os.fspath(path)
+        calib = (base[:-5] if base.endswith(".toml") else base) + ".calib.npz"
+        np.savez(calib, **stacked)
+        return calib
+
+    def to_dict(self) -> dict:
+        return {"target": self.target.describe(), "metric": self.metric, "met": self.met,
+                "message": self.message, "plan": [e.to_dict() for e in self.plan],
+                "steps": [s.to_dict() for s in self.steps], "verifications": self.verifications,
+                "baseline_score": _jf(self.baseline_score), "search_score": _jf(self.search_score),
+                "search_drop": _jf(self.search_drop), "holdout_baseline": _jf(self.holdout_baseline),
+                "holdout_score": _jf(self.holdout_score), "holdout_drop": _jf(self.holdout_drop),
+                "search_samples": self.search_samples, "fit_samples": self.fit_samples, "holdout_samples": self.holdout_samples,
+                "original": self.original, "result": self.result, "size_ratio": self.size_ratio,
+                "macs_ratio": self.macs_ratio, "latency_ratio": self.latency_ratio,
+                "candidates": self.candidates, "seconds": round(self.seconds, 3)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def _subset(data: CalibrationData, feeds: list[dict[str, np.ndarray]], label: str) -> CalibrationData:
+    return CalibrationData(lambda: iter(feeds), length=len(feeds), num_samples=sum(sample_counts(feeds)),
+                           source=label, is_random=data.is_random)
+
+
+def _run(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *, optimize: bool = True
+         ) -> list[dict[str, np.ndarray]]:
+    session = make_session(proto, optimize=optimize, threads=1)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        return [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    finally:
+        del session
+
+
+def _quant_bits(technique: str) -> int | None:
+    """Bits per weight a quantization technique stores (None: not a quantization technique)."""
+    name, options = parse_spec(technique)
+    if name in ("quantize-int8", "quantize-dynamic"):
+        return 8
+    if name == "fp16":
+        return 16
+    if name == "quantize-weights":
+        try:
+            return int(options.get("bits", 4))
+        except ValueError:
+            return 4
+    return None
+
+
+def _family(technique: str) -> str:
+    return FAMILY.get(parse_spec(technique)[0], "other")
+
+
+def _compatible(families: set[str], family: str) -> bool:
+    """At most one technique of each family per layer. Prune, svd and quantization of one layer compose
+    in pipeline order (prune, then svd, then quantization of both factors; tests/test_search.py)."""
+    return family not in families and family != "other" or not families
+
+
+def build_pipeline(entries: list[PlanEntry], layer_order: list[str]) -> Pipeline:
+    """``cleanup`` + one pass per technique with its layers as ``include`` (families in pipeline
+    order, layers in graph order; a factored layer's quantization includes both factors)."""
+    by_technique: dict[str, list[str]] = {}
+    factored = {e.layer for e in entries if _family(e.technique) == "lowrank"}
+    for e in entries:
+        by_technique.setdefault(e.technique, []).append(e.layer)
+        if _family(e.technique) == "quantize" and e.layer in factored:
+            # svd keeps the layer's name on the second factor and names the first LAYER_factor_a.
+            by_technique[e.technique].append(e.layer + "_factor_a")
+    rank = {layer: i for i, layer in enumerate(layer_order)}
+    passes = [build_pass("cleanup", {})]
+    techniques = sorted(by_technique, key=lambda t: (FAMILY_ORDER.index(FAMILY.get(parse_spec(t)[0], "other")), t))
+    for t in techniques:
+        name, options = parse_spec(t)
+        layers = sorted(by_technique[t], key=lambda n: (rank.get(n.removesuffix("_factor_a"), len(rank)), n))
+        passes.append(build_pass(name, {**options, "include": layers}))
+    return Pipeline(passes)
+
+
+def _run_plan(pipe: Pipeline, model: Model, ctx: PassContext) -> tuple[Model, Pipeline]:
+    """Run the plan's pipeline pass by pass. A quantization pass's ``LAYER_factor_a`` names are kept
+    only where svd really factored LAYER (after pruning, svd may find a layer no longer worth it):
+    the returned pipeline holds the include lists that were run, so its recipe replays them."""
+    passes = list(pipe.passes)
+    for i, p in enumerate(passes):
+        include = getattr(p, "include", None)
+        if _family(p.name) == "quantize" and include and any(n.endswith("_factor_a") for n in include):
+            present = {n.name for n in model.nodes}
+            keep = [n for n in include if not n.endswith("_factor_a") or n in present]
+            if keep != list(include):
+                options = {k: v for k, v in p.options().items() if v is not None}
+                passes[i] = p = build_pass(p.name, {**options, "include": keep})
+        model, _ = Pipeline([p]).run(model, ctx)
+    return model, Pipeline(passes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The search
+# ----------------------------------------------------------------------------------------------
+
+def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, *, target: str | Target,
+           metric: str | Metric | None = None, labels: Any = None, techniques: Iterable[str] | None = None,
+           workers: int | None = 1, holdout: float = 0.0, seed: int = 0, input_shapes: Any = None,
+           num_samples: int = 8, batch_size: int | None = None, max_verifications: int = 8,
+           cache: str | os.PathLike | None = None, latency_threads: int = 2, confidence: float = 0.95,
+           progress: Progress | None = None) -> SearchResult:
+    """Find a plan (technique per layer) that meets ``target`` and return it built and verified.
+
+    ``metric``: ``top1|cosine|snr|module:function`` (default cosine; top1 when labels are given);
+    ``labels``: one integer per calibration sample (.npy/.npz path or array). ``holdout``: share of the
+    calibration feeds (seeded) kept out of the search and only scored at the end. ``max_verifications``:
+    end-to-end builds the repair may use. ``confidence`` (top1 only): the verified drop plus
+    z(confidence) * sqrt(discordant samples) / samples must be within the target, so that a plan does not
+    pass on the search samples by luck (0.5 or less: the drop alone). See the module doc.
+    """
+    from .analyze import analyze
+    from .api import _data, _load, _shapes
+
+    start = time.perf_counter()
+    tgt = parse_target(target)
+    if metric is None:
+        metric = "top1" if labels is not None else "cosine"
+    scorer = parse_metric(metric)
+    if tgt.kind == "accuracy_drop" and scorer.spec == "snr":
+        raise InputError("--target accuracy_drop with --metric snr: the original's SNR is infinite; use cosine, "
+                         "top1 or module:function")
+    if not 0.0 <= holdout < 1.0:
+        raise InputError(f"--holdout {holdout}: expected a share in [0, 1)")
+    if not 0.0 <= confidence < 1.0:
+        raise InputError(f"--confidence {confidence}: expected a probability in [0, 1)")
+    if max_verifications < 1:
+        raise InputError("max_verifications must be at least 1")
+    label, original, _ = _load(model)
+    shapes = _shapes(input_shapes)
+    data = _data(original, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
+    feeds = [{k: np.array(v) for k, v in feed.items()} for feed in data]
+    counts = sample_counts(feeds)
+    all_labels = load_labels(labels, sum(counts))
+
+    # Held-out share: seeded, whole feeds, never seen by the analysis, the greedy or the repair.
+    n = len(feeds)
+    hold_idx: list[int] = []
+    if holdout > 0:
+        if n < 2:
+            raise InputError(f"--holdout {holdout}: needs at least 2 calibration feeds (there are {n})")
+        k = min(n - 1, max(1, int(round(n * holdout))))
+        hold_idx = sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:k])
+    search_idx = [i for i in range(n) if i not in set(hold_idx)]
+    s_feeds = [feeds[i] for i in search_idx]
+    h_feeds = [feeds[i] for i in hold_idx]
+    s_labels = split_labels(all_labels, counts, search_idx)
+    h_labels = split_labels(all_labels, counts, hold_idx) if hold_idx else None
+    s_data = _subset(data, s_feeds, data.source + (" (search share)" if hold_idx else ""))
+
+    report = analyze(original, s_data, techniques=techniques, workers=workers, cache=cache,
+                     input_shapes=shapes, seed=seed, progress=progress, metric=scorer, labels=s_labels)
+
+    # Cross-fitted verification: the plan is built twice, with its passes fitted on the first half of the
+    # search feeds (the returned model) and on the second half; each half is scored by the model that
+    # did not see it, so every search sample counts and none is scored in-sample (a refit measured on
+    # its own samples looks better than it is).
+    ns = len(s_feeds)
+    cross = ns >= 2
+    fit_pos = list(range(ns // 2)) if cross else list(range(ns))
+    ver_pos = list(range(ns // 2, ns)) if cross else list(range(ns))
+    fit_feeds = [s_feeds[i] for i in fit_pos]
+    other_feeds = [s_feeds[i] for i in ver_pos]
+    fit_data = _subset(data, fit_feeds, s_data.source + (" (first half)" if cross else ""))
+    other_data = _subset(data, other_feeds, s_data.source + " (second half)")
+    s_counts = [counts[i] for i in search_idx]
+    order = ver_pos + fit_pos if cross else ver_pos
+    s_labels = split_labels(s_labels, s_counts, order)
+    s_feeds = other_feeds + fit_feeds if cross else other_feeds
+    ref_s = _run(original, s_feeds, optimize=False)
+    ref_h = _run(original, h_feeds, optimize=False) if h_feeds else None
+    base_s = scorer.baseline(ref_s, s_labels)
+    orig_stats = model_stats(original, shapes or None)
+    original_sizes = {"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes}
+
+    # Candidates.
+    base = report.baseline
+    cands: list[PlanEntry] = []
+    for e in report.evaluations:
+        if e.status != "ok":
+            continue
+        bytes_saved = max(0, e.bytes_saved)
+        bits = _quant_bits(e.technique)
+        if bits is not None and e.layer in report.layer_weights:
+            # One quantized layer alone pays Q/DQ nodes that its quantized neighbours would share:
+            # its isolated size change understates what it saves inside a plan. Estimate from the weight.
+            bytes_saved = max(bytes_saved, int(report.layer_weights[e.layer] * 4 * (1 - bits / 32)))
+        if e.macs_saved <= 0 and bytes_saved <= 0:
+            continue
+        drop = e.metric_drop if e.metric_drop is not None else (e.damage or 0.0)
+        cands.append(PlanEntry(layer=e.layer, op=e.op, technique=e.technique, predicted_drop=max(0.0, drop),
+                               damage=e.damage or 0.0, macs_saved_fraction=max(0.0, e.macs_saved_fraction),
+                               bytes_saved_fraction=bytes_saved / base["bytes"] if base["bytes"] else 0.0,
+                               bytes_saved=bytes_saved))
+
+    def saved(c: PlanEntry) -> float:
+        if tgt.kind == "size":
+            return c.bytes_saved_fraction
+        if tgt.kind == "latency":
+            return c.macs_saved_fraction
+        return c.macs_saved_fraction + c.bytes_saved_fraction
+
+    eps = 1e-12
+    cands = [c for c in cands if saved(c) > 0]
+    cands.sort(key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
+
+    steps: list[Step] = []
+    built: dict[tuple, tuple] = {}
+    z = statistics.NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
+
+    def build(entries: list[PlanEntry], action: str) -> tuple:
+        key = tuple(sorted((e.technique, e.layer) for e in entries))
+        if key in built:
+            return built[key]
+        pipe = build_pipeline(entries, report.layers)
+
+        def fitted(on: CalibrationData) -> tuple[Model, Pipeline]:
+            ctx = PassContext(calibration=on, calibration_is_random=data.is_random, input_shapes=shapes,
+                              seed=seed, reference=original)
+            return _run_plan(build_pipeline(entries, report.layers),
+                             Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
+                                              source=label), ctx)
+
+        try:
+            result, pipe = fitted(fit_data)
+            twin = fitted(other_data)[0].to_proto() if cross else None
+        except OnnxSlimError as exc:
+            # A combination the passes refuse: recorded as a failed verification, then repaired like one.
+            if not entries:
+                raise
+            steps.append(Step(entries=len(entries), action=f"{action} (does not build: {exc})",
+                              search_score=-math.inf, search_drop=math.inf, size_ratio=math.inf,
+                              latency_ratio=None, met=False))
+            built[key] = (None, pipe, -math.inf, math.inf, None, 0.0)
+            return built[key]
+        proto = result.to_proto()
+        outs = _run(proto, other_feeds) + (_run(twin, fit_feeds) if cross else [])
+        score = scorer.score(outs, ref_s, s_labels)
+        margin = 0.0
+        if scorer.spec == "top1" and z > 0:
+            discordant, count = top1_discordant(outs, ref_s, s_labels)
+            margin = z * math.sqrt(discordant) / max(1, count)
+        size = model_stats(proto, shapes or None).bytes / max(1, original_sizes["bytes"])
+        lat = None
+        if tgt.kind == "latency":
+            times = time_sessions([original, proto], s_feeds[0], threads=latency_threads, runs=20, warmup=3,
+                                  rounds=3)
+            lat = statistics.median(times[1]) / statistics.median(times[0])
+        drop = base_s - score
+        met = {"accuracy_drop": max(drop, 0.0) + margin <= tgt.value + eps, "size": size <= tgt.value,
+               "latency": lat is not None and lat <= tgt.value}[tgt.kind]
+        steps.append(Step(entries=len(entries), action=action, search_score=score, search_drop=drop,
+                          size_ratio=size, latency_ratio=lat, met=met, margin=margin))
+        built[key] = (proto, pipe, score, size, lat, margin)
+        return built[key]
+
+    def is_met(step_values) -> bool:
+        proto, _, score, size, lat, margin = step_values
+        if proto is None:
+            return False
+        if tgt.kind == "accuracy_drop":
+            return max(base_s - score, 0.0) + margin <= tgt.value + eps
+        if tgt.kind == "size":
+            return size <= tgt.value
+        return lat is not None and lat <= tgt.value
+
+    plan: list[PlanEntry] = []
+    used: dict[str, set[str]] = {}
+    chosen: dict[str, str] = {}   # family -> technique, for the families one pipeline can hold once
+
+    def fits(c: PlanEntry) -> bool:
+        family = _family(c.technique)
+        if family == "quantize" and chosen.get(family, c.technique) != c.technique:
+            return False   # a quantization pass refuses an already quantized model: one per plan
+        return _compatible(used.get(c.layer, set()), family)
+
+    def take(c: PlanEntry) -> None:
+        plan.append(c)
+        used.setdefault(c.layer, set()).add(_family(c.technique))
+        chosen.setdefault(_family(c.technique), c.technique)
+    def verified_drop(values) -> float:
+        return max(base_s - values[2], 0.0) + values[5]
+
+    def extend(current: tuple, predicted: float, rejected: set[tuple[str, str]] | None = None) -> tuple:
+        """The verified plan has slack: add the next candidates whose predicted drops, rescaled by how far
+        the prediction overshot (per-layer drops rarely add up: int8 layers share their error), fit in
+        it; verify; on failure retry with half as many, then skip the first one."""
+        nonlocal plan
+        scale = min(1.0, verified_drop(current) / predicted) if predicted > eps else 1.0
+        cap = len(cands)
+        rejected = set(rejected or ())
+        while len(steps) < max_verifications:
+            room = tgt.value - verified_drop(current)
+            saved_used, saved_chosen = {k: set(v) for k, v in used.items()}, dict(chosen)
+            chunk, acc = [], 0.0
+            for c in cands:
+                if len(chunk) >= cap or c in plan or (c.technique, c.layer) in rejected or not fits(c):
+                    continue
+                if chunk and acc + c.predicted_drop * scale > room + eps:
+                    continue
+                chunk.append(c)
+                used.setdefault(c.layer, set()).add(_family(c.technique))
+                chosen.setdefault(_family(c.technique), c.technique)
+                acc += c.predicted_drop * scale
+            if not chunk:
+                break
+            trial = build(plan + chunk, f"extend +{len(chunk)}")
+            if is_met(trial):
+                plan = plan + chunk
+                current = trial
+                cap = len(cands)
+                continue
+            used.clear()
+            used.update(saved_used)
+            chosen.clear()
+            chosen.update(saved_chosen)
+            if len(chunk) == 1:
+                rejected.add((chunk[0].technique, chunk[0].layer))
+            cap = max(1, len(chunk) // 2)
+        return current
+
+    message = ""
+    if tgt.kind == "accuracy_drop":
+        total = 0.0
+        for c in cands:
+            if not fits(c) or total + c.predicted_drop > tgt.value + eps:
+                continue
+            take(c)
+            total += c.predicted_drop
+        current = build(plan, "greedy")
+        if is_met(current):
+            current = extend(current, total)
+        reverts = 0
+        singles: set[tuple[str, str]] = set()
+        repaired = False
+        while not is_met(current) and plan and len(steps) < max_verifications:
+            worst = sorted(plan, key=lambda e: (e.predicted_drop, e.damage), reverse=True)
+            k = 1 if reverts < SINGLE_REVERTS else max(1, len(plan) // 2)
+            gone, plan = worst[:k], worst[k:]
+            if k == 1:
+                singles.add((gone[0].technique, gone[0].layer))
+            reverts += 1
+            repaired = True
+            current = build(plan, "revert " + "+".join(e.layer for e in gone))
+        if repaired and is_met(current) and len(steps) < max_verifications:
+            # Halving may have reverted harmless changes too: offer them (not the single reverts) again.
+            used.clear()
+            chosen.clear()
+            for e in plan:
+                used.setdefault(e.layer, set()).add(_family(e.technique))
+                chosen.setdefault(_family(e.technique), e.technique)
+            current = extend(current, sum(e.predicted_drop for e in plan), singles)
+        if not is_met(current):
+            plan = []
+            current = build(plan, "revert all (verification budget spent)")
+        met = is_met(current)
+        message = (f"verified drop {base_s - current[2]:.6g}" + (f" + margin {current[5]:.4g}" if current[5] else "")
+                   + f" <= {tgt.value:g} with {len(plan)} change(s)"
+                   if met else f"even cleanup alone drops the metric by {base_s - current[2]:.6g}")
+    else:
+        # Size / latency: add by damage per unit saved until the estimate, then the measurement, is met.
+        remaining = list(cands)
+
+        def fraction(c: PlanEntry) -> float:
+            """Estimated share of the ORIGINAL's bytes (size) or MACs (latency) this change saves."""
+            if tgt.kind == "size":
+                return c.bytes_saved / max(1, original_sizes["bytes"])
+            return c.macs_saved_fraction * base["macs"] / max(1, original_sizes["macs"])
+
+        def add(need: float) -> int:
+            added = 0
+            while remaining and (need > 0 or added == 0):
+                c = remaining.pop(0)
+                if not fits(c):
+                    continue
+                take(c)
+                need -= fraction(c)
+                added += 1
+            return added
+
+        start_ratio = (base["bytes"] / max(1, original_sizes["bytes"]) if tgt.kind == "size" else
+                       base["macs"] / max(1, original_sizes["macs"]))
+        if start_ratio > tgt.value:
+            add(start_ratio - tgt.value)
+        current = build(plan, "greedy")
+        while not is_met(current) and len(steps) < max_verifications:
+            measured = current[3] if tgt.kind == "size" else current[4]
+            added = add((measured or 1.0) - tgt.value)
+            if not added:
+                break
+            current = build(plan, f"add {added}")
+            if current[0] is None:
+                break
+        if current[0] is None:
+            plan = []
+            current = build(plan, "revert all (the plan does not build)")
+        # Trim: while the target holds, revert the worst trade (predicted drop per share saved), so that a
+        # batch added to close a measured gap does not keep a damaging change it did not need.
+        tried: set[tuple[str, str]] = set()
+        while is_met(current) and len(steps) < max_verifications:
+            left = [e for e in plan if (e.technique, e.layer) not in tried and e.predicted_drop > 0]
+            if not left:
+                break
+            worst = max(left, key=lambda e: e.predicted_drop / max(fraction(e), 1e-12))
+            tried.add((worst.technique, worst.layer))
+            trial_plan = [e for e in plan if e is not worst]
+            trial = build(trial_plan, f"trim {worst.layer} ({worst.technique})")
+            if is_met(trial):
+                plan, current = trial_plan, trial
+            else:
+                break
+        met = is_met(current)
+        measured = current[3] if tgt.kind == "size" else current[4]
+        if met:
+            message = f"measured {tgt.kind} {measured:.4f}x <= {tgt.value:g}x with {len(plan)} change(s)"
+        else:
+            left = sum(1 for c in remaining if fits(c))
+            message = (f"{tgt.kind}={tgt.value:g}x cannot be met: best reached {measured:.4f}x with {len(plan)} "
+                       f"change(s)" + (" (every candidate applied)" if not left else
+                                       f" ({left} candidate(s) left, verification budget spent)"))
+
+    proto, pipe, score, size, lat, margin = current
+    hold_base = hold_score = hold_drop = None
+    if h_feeds:
+        hold_base = scorer.baseline(ref_h, h_labels)
+        hold_score = scorer.score(_run(proto, h_feeds), ref_h, h_labels)
+        hold_drop = hold_base - hold_score
+    res_stats = model_stats(proto, shapes or None)
+    return SearchResult(
+        target=tgt, metric=scorer.spec, plan=sorted(plan, key=lambda e: report.layers.index(e.layer)), met=met,
+        message=message, model=proto, pipeline=pipe, steps=steps, baseline_score=base_s, search_score=score,
+        search_drop=base_s - score, holdout_baseline=hold_base, holdout_score=hold_score, holdout_drop=hold_drop,
+        search_samples=sum(s_counts[i] for i in order), fit_samples=sum(s_counts[i] for i in fit_pos),
+        holdout_samples=sum(counts[i] for i in hold_idx),
+        original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
+                "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
+        latency_ratio=lat, candidates=len(cands), analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
+        seconds=time.perf_counter() - start)

@@ -1,0 +1,367 @@
+"""onnxslim_kit/search.py and usermetric.py: the accuracy-aware search, user metrics, labels, recipes."""
+
+import math
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import onnxslim_kit
+from builders import conv_bn_relu, mlp_blocks, rng, run_model
+from onnxslim_kit.cli import main
+from onnxslim_kit.errors import InputError
+from onnxslim_kit.metrics import model_stats
+from onnxslim_kit.usermetric import load_labels, parse_metric
+
+QW = "quantize-weights:bits=4,block_size=16,min_elements=1024"
+PRUNE = "prune-channels:multiple=8,ratio=0.5"
+SVD = "svd:energy=0.9,min_size=1024"
+INT8 = "quantize-int8"
+
+
+def _model() -> onnx.ModelProto:
+    return mlp_blocks(layers=2, hidden=32, seed=1)
+
+
+def _calib(n: int = 16) -> dict[str, np.ndarray]:
+    return {"x": rng(7).standard_normal((n, 8, 32)).astype(np.float32)}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _outputs(proto, x):
+    return np.concatenate([run_model(proto, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def _user_module(tmp_path, monkeypatch, body: str) -> str:
+    """A metric module in tmp_path (imported from the current directory); returns its name."""
+    name = f"usermetric_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return name
+
+
+def test_search_greedy_respects_target_on_search_data():
+    proto, calib = _model(), _calib()
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.01", techniques=[QW, PRUNE, INT8])
+    assert result.met and result.plan and result.metric == "cosine"
+    assert result.search_drop <= 0.01 and result.size_ratio < 1.0
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    # Independently: the smallest output cosine on the search's verification feeds (the second half,
+    # which the passes did not fit on) is within the target, and the whole data set stays close.
+    x = calib["x"]
+    ver = x[len(x) // 2:]
+    assert _cosine(_outputs(proto, ver), _outputs(out, ver)) >= 0.99
+    assert _cosine(_outputs(proto, x), _outputs(out, x)) >= 0.98
+    # Every verification the search accepted was within the target; one technique per family and layer.
+    assert all(st.search_drop <= 0.01 for st in result.steps if st.met)
+    families = [(e.layer, e.technique.split(":")[0].split("-")[0]) for e in result.plan]
+    assert len(families) == len(set(families))
+    assert len({e.technique for e in result.plan if e.technique.startswith("quantize")}) == 1
+
+
+def test_search_uses_one_quantization_technique_when_both_are_cheap():
+    """int8 ranks first on the Conv, 8-bit weight-only on the Gemm: a plan that mixed them would not
+    build (the second quantization pass refuses a quantized model); the search keeps the first one."""
+    proto = conv_bn_relu(channels=32)
+    calib = {"x": rng(3).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    qw8 = "quantize-weights:bits=8,block_size=16,min_elements=64"
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[qw8, INT8])
+    fc = next(e for e in result.analysis.evaluations if e.technique == qw8 and e.layer == "fc")
+    assert fc.status == "ok"
+    assert result.met and [(e.layer, e.technique) for e in result.plan] == [("conv", INT8), ("fc", INT8)]
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"]
+    out = np.concatenate([run_model(result.model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    ref = np.concatenate([run_model(proto, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert _cosine(ref, out) >= 0.99
+
+
+def test_search_extends_plan_when_prediction_is_pessimistic():
+    """int8 on one layer costs about as much as on all four (the error is dominated by quantizing the
+    shared input): the additive prediction admits one layer, the verified slack admits the rest."""
+    proto, calib = _model(), _calib()
+    single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
+    worst = max(e.damage for e in single.evaluations if e.status == "ok")
+    target = 1.6 * worst
+    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8])
+    assert result.steps[0].action == "greedy" and result.steps[0].entries == 1
+    assert result.met and len(result.plan) == 4
+    assert any(s.action.startswith("extend") and s.met and s.entries == 4 for s in result.steps)
+    assert sum(e.predicted_drop for e in result.plan) > target  # more than the additive prediction allowed
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"][8:]
+    assert 1.0 - _cosine(_outputs(proto, x), _outputs(result.model, x)) <= target
+
+
+def test_search_repair_reverts_layers_when_damage_compounds(tmp_path, monkeypatch):
+    """A threshold metric: each change alone keeps the cosine above the threshold (predicted drop 0),
+    all of them together do not (drop 1). The greedy takes them all; verification fails; the repair
+    reverts the most damaging ones until the target holds."""
+    proto, calib = _model(), _calib()
+    single = onnxslim_kit.analyze(proto, calib, techniques=[QW], workers=1)
+    damages = sorted(e.damage for e in single.evaluations if e.status == "ok")
+    assert len(damages) == 4
+    threshold = 1.0 - 1.5 * damages[-1]   # every change alone passes
+    name = _user_module(tmp_path, monkeypatch, f"""
+import numpy as np
+
+def score(outputs, reference):
+    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
+    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
+    cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    return 1.0 if cos >= {threshold!r} else 0.0
+""")
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score", techniques=[QW])
+    assert [s.met for s in result.steps][0] is False and result.steps[0].entries == 4
+    assert result.met and result.steps[-1].met and 2 <= result.verifications <= 8
+    assert 0 < len(result.plan) < 4 and result.search_drop == 0.0
+    assert all(s.action.startswith("revert") for s in result.steps[1:])
+    reverted = {s.action.split(" ", 1)[1] for s in result.steps[1:]}
+    kept = {e.layer for e in result.plan}
+    assert not kept & reverted
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"][8:]
+    assert _cosine(_outputs(proto, x), _outputs(result.model, x)) >= threshold
+
+
+def test_search_recipe_round_trip_reproduces_identical_bytes(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(_model(), model)
+    np.savez(tmp_path / "calib.npz", **_calib())
+    out, recipe = tmp_path / "searched.onnx", tmp_path / "plan.toml"
+    res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
+                                    "--target", "accuracy_drop=0.02", "-t", PRUNE, "-t", SVD, "-t", INT8,
+                                    "--holdout", "0.25", "--save-recipe", str(recipe), "--report",
+                                    str(tmp_path / "search.json")])
+    assert res.exit_code == 0, res.output
+    assert "held-out data" in res.output and "replay:" in res.output
+    import json
+
+    report = json.loads((tmp_path / "search.json").read_text())
+    assert report["met"] and report["target"] == "accuracy_drop=0.02" and report["holdout_samples"] == 4
+    assert report["plan"] and {"layer", "technique", "predicted_drop"} <= set(report["plan"][0])
+    assert report["verifications"] == len(report["steps"]) and report["search_drop"] <= 0.02
+    text = recipe.read_text()
+    assert "include = [" in text and (tmp_path / "plan.calib.npz").exists()
+    replay = tmp_path / "replayed.onnx"
+    res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(replay), "--recipe", str(recipe),
+                                    "--calib", str(tmp_path / "plan.calib.npz"), "--tolerance", "cosine=0.95"])
+    assert res.exit_code == 0, res.output
+    assert replay.read_bytes() == out.read_bytes()
+    searched = onnx.load(out)
+    onnx.checker.check_model(searched, full_check=True)
+    x = _calib()["x"]
+    assert _cosine(_outputs(onnx.load(model), x), _outputs(searched, x)) >= 0.95
+
+
+def test_search_size_target_met_and_measured():
+    proto, calib = _model(), _calib()
+    result = onnxslim_kit.search(proto, calib, target="size=0.5x", techniques=[QW, PRUNE])
+    assert result.met and result.plan
+    assert model_stats(result.model).bytes <= 0.5 * model_stats(proto).bytes
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"]
+    assert _cosine(_outputs(proto, x), _outputs(result.model, x)) >= 0.9
+
+
+def test_search_size_target_unreachable_says_so():
+    with pytest.raises(onnxslim_kit.errors.ParityError, match="cannot be met: best reached"):
+        onnxslim_kit.optimize(_model(), calibration=_calib(), target="size=0.01x", techniques=[QW])
+
+
+def test_search_prune_and_int8_compose_on_one_layer():
+    proto, calib = _model(), _calib()
+    pruned, _ = onnxslim_kit.optimize(proto, passes=["cleanup", PRUNE + ",include=up0"], calibration=calib,
+                                      check="off")
+    both, _ = onnxslim_kit.optimize(proto, passes=["cleanup", PRUNE + ",include=up0", INT8 + ":include=up0"],
+                                    calibration=calib, check="off")
+    onnx.checker.check_model(both, full_check=True)
+    ops = [n.op_type for n in both.graph.node]
+    assert "QuantizeLinear" in ops and model_stats(both).macs < model_stats(proto).macs
+    w = {t.name: t for t in pruned.graph.initializer}
+    up = next(n for n in pruned.graph.node if n.name == "up0")
+    assert w[up.input[1]].dims[1] < 128  # the layer really lost hidden units
+    x = calib["x"]
+    assert _cosine(_outputs(pruned, x), _outputs(both, x)) >= 0.99
+
+
+def test_search_prune_svd_and_int8_compose_on_one_layer():
+    """The plan's pipeline order on one layer: prune its hidden units, factor it, quantize both factors."""
+    proto, calib = _model(), _calib()
+    svd = "svd:min_size=1024,rank_ratio=0.25"
+    specs = ["cleanup", PRUNE + ",include=up0", svd + ",include=up0"]
+    factored, _ = onnxslim_kit.optimize(proto, passes=specs, calibration=calib, check="off")
+    names = {n.name for n in factored.graph.node}
+    assert {"up0", "up0_factor_a"} <= names
+    from onnxslim_kit.search import PlanEntry, build_pipeline
+
+    entry = lambda t: PlanEntry("up0", "MatMul", t, 0.0, 0.0, 0.1, 0.1, 1)  # noqa: E731
+    pipe = build_pipeline([entry(INT8), entry(svd), entry(PRUNE)], ["up0", "down0", "up1", "down1"])
+    assert [p.name for p in pipe.passes] == ["cleanup", "prune-channels", "svd", "quantize-int8"]
+    assert pipe.passes[3].include == ["up0", "up0_factor_a"]
+    both, _ = onnxslim_kit.optimize(proto, passes=pipe, calibration=calib, check="off")
+    onnx.checker.check_model(both, full_check=True)
+    producers = {o: n for n in both.graph.node for o in n.output}
+    for name in ("up0", "up0_factor_a"):
+        node = next(n for n in both.graph.node if n.name == name)
+        assert producers[node.input[1]].op_type == "DequantizeLinear"  # its weight is int8 now
+    x = calib["x"]
+    assert _cosine(_outputs(factored, x), _outputs(both, x)) >= 0.99
+
+
+def test_search_plan_quantizes_only_factors_svd_really_made():
+    """After pruning, svd finds up0 no longer worth factoring: the quantization pass of the plan then
+    includes up0 alone (not a missing up0_factor_a, which it would refuse), and the recipe says so."""
+    import importlib
+
+    from onnxslim_kit.calibration import CalibrationData
+    from onnxslim_kit.ir import Model
+    from onnxslim_kit.pass_base import PassContext
+    from onnxslim_kit.search import PlanEntry, build_pipeline
+
+    search_mod = importlib.import_module("onnxslim_kit.search")
+    proto, calib = _model(), _calib()
+    entry = lambda t: PlanEntry("up0", "MatMul", t, 0.0, 0.0, 0.1, 0.1, 1)  # noqa: E731
+    pipe = build_pipeline([entry(PRUNE), entry(SVD), entry(INT8)], ["up0", "down0", "up1", "down1"])
+    assert pipe.passes[3].include == ["up0", "up0_factor_a"]
+    feeds = [{"x": calib["x"][i:i + 1]} for i in range(8)]
+    data = CalibrationData(lambda: iter(feeds), length=8, num_samples=8, source="test", is_random=False)
+    ctx = PassContext(calibration=data, calibration_is_random=False, reference=proto)
+    model, ran = search_mod._run_plan(pipe, Model.from_proto(proto), ctx)
+    out = model.to_proto()
+    assert "up0_factor_a" not in {n.name for n in out.graph.node}
+    assert ran.passes[3].include == ["up0"] and 'include = ["up0"]' in ran.to_toml()
+    onnx.checker.check_model(out, full_check=True)
+    x = calib["x"]
+    assert _cosine(_outputs(proto, x), _outputs(out, x)) >= 0.95
+
+
+def test_analyze_calibrated_technique_measured_on_held_out_feeds():
+    proto, calib = _model(), _calib()
+    report = onnxslim_kit.analyze(proto, calib, techniques=[PRUNE, QW], workers=1)
+    ev = next(e for e in report.evaluations if e.technique == PRUNE and e.layer == "up0")
+    assert ev.status == "ok" and ev.measured_on == "held-out"
+    assert next(e for e in report.evaluations if e.technique == QW and e.layer == "up0").measured_on == "all"
+    # The damage is the one of the layer fitted on feeds 0-7, measured on feeds 8-15.
+    x = calib["x"]
+    fitted, _ = onnxslim_kit.optimize(proto, passes=["cleanup", PRUNE + ",include=up0"], calibration={"x": x[:8]},
+                                      check="off")
+    onnx.checker.check_model(fitted, full_check=True)
+    held = _cosine(_outputs(proto, x[8:]), _outputs(fitted, x[8:]))
+    assert ev.cosine == pytest.approx(held, abs=1e-5)
+    in_sample = _cosine(_outputs(proto, x[:8]), _outputs(fitted, x[:8]))
+    assert in_sample > held  # what the old in-sample measurement reported: optimistic
+
+
+def test_metric_builtin_scores_against_labels_and_reference():
+    ref = [{"logits": np.array([[3.0, 1.0], [0.0, 2.0]], np.float32)}]
+    out = [{"logits": np.array([[3.0, 1.0], [2.0, 0.0]], np.float32)}]
+    top1 = parse_metric("top1")
+    assert top1.score(out, ref) == 0.5 and top1.score(out, ref, np.array([0, 0])) == 1.0
+    assert top1.drop(out, ref, np.array([0, 1])) == pytest.approx(0.5)   # original 1.0, candidate 0.5
+    cos = parse_metric("cosine")
+    assert cos.baseline(ref) == 1.0 and cos.score(out, ref) == pytest.approx(10.0 / 14.0)
+    assert math.isinf(parse_metric("snr").baseline(ref))
+
+
+def test_metric_module_function_scores_outputs(tmp_path, monkeypatch):
+    name = _user_module(tmp_path, monkeypatch, """
+import numpy as np
+
+def neg_mae(outputs, reference):
+    return -float(np.mean([np.abs(o["y"] - r["y"]).mean() for o, r in zip(outputs, reference)]))
+
+def acc(outputs, reference, labels):
+    return float(np.mean(np.concatenate([o["y"].argmax(-1) for o in outputs]) == labels))
+""")
+    ref = [{"y": np.array([[1.0, 0.0]], np.float32)}, {"y": np.array([[0.0, 1.0]], np.float32)}]
+    out = [{"y": np.array([[0.5, 0.0]], np.float32)}, {"y": np.array([[1.0, 0.0]], np.float32)}]
+    m = parse_metric(f"{name}:neg_mae")
+    assert m.score(out, ref) == pytest.approx(-0.625) and m.drop(out, ref) == pytest.approx(0.625)
+    assert parse_metric(f"{name}:acc").score(out, ref, np.array([0, 1])) == 0.5
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("nosuchmodule_xyz:f", "cannot import module 'nosuchmodule_xyz'"),
+    ("{mod}:missing", "has no function 'missing'"),
+    ("{mod}:boom", "raised ZeroDivisionError"),
+    ("{mod}:text", "returned str, expected a float"),
+    ("accuracy", "expected top1, cosine, snr or module:function"),
+])
+def test_metric_bad_spec_exits_2_with_one_line(tmp_path, monkeypatch, metric, message):
+    mod = _user_module(tmp_path, monkeypatch, "def boom(o, r):\n    return 1 / 0\n\ndef text(o, r):\n    return 'x'\n")
+    model = tmp_path / "m.onnx"
+    onnx.save(_model(), model)
+    np.savez(tmp_path / "calib.npz", **_calib(4))
+    res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--calib",
+                                    str(tmp_path / "calib.npz"), "--target", "accuracy_drop=0.01", "-t", QW,
+                                    "--metric", metric.format(mod=mod)])
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and res.output.startswith("error: ") and message in res.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_search_labels_length_mismatch_exits_2_naming_the_file(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(_model(), model)
+    np.savez(tmp_path / "calib.npz", **_calib(6))
+    np.save(tmp_path / "labels.npy", np.zeros(5, np.int64))
+    for command in (["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--target", "accuracy_drop=0.01"],
+                    ["analyze", str(model), "-j", "1"]):
+        res = CliRunner().invoke(main, command + ["--calib", str(tmp_path / "calib.npz"), "--labels",
+                                                  str(tmp_path / "labels.npy")])
+        assert res.exit_code == 2, res.output
+        assert res.output.count("\n") == 1
+        assert "labels.npy: 5 label(s) but the calibration data has 6 sample(s)" in res.output
+
+
+def test_labels_refuse_pickles_and_multi_array_npz(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="obj.npy: not a readable"):
+        load_labels(tmp_path / "obj.npy")
+    np.savez(tmp_path / "two.npz", a=np.zeros(3, np.int64), b=np.zeros(3, np.int64))
+    with pytest.raises(InputError, match="exactly one array"):
+        load_labels(tmp_path / "two.npz")
+    np.save(tmp_path / "f.npy", np.zeros(3, np.float32))
+    with pytest.raises(InputError, match="labels must be integers"):
+        load_labels(tmp_path / "f.npy")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "speed=2"], "expected accuracy_drop=D, size=Rx or latency=Rx"),
+    (["--target", "size=2x"], "the ratio must be in (0, 1]"),
+    (["--target", "accuracy_drop=0.01", "-p", "cleanup"], "without -p/--pass or --recipe"),
+    (["--metric", "top1"], "--metric: only with --target"),
+])
+def test_search_cli_bad_target_exits_2_with_one_line(tmp_path, args, message):
+    model = tmp_path / "m.onnx"
+    onnx.save(_model(), model)
+    res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(tmp_path / "o.onnx")] + args)
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and message in res.output
+
+
+@pytest.mark.slow
+def test_search_digits_cnn_meets_target_on_held_out_labels(tmp_path):
+    root = Path(__file__).resolve().parent.parent / "models"
+    data = np.load(root / "digits_cnn.eval.npz")
+    result = onnxslim_kit.search(root / "digits_cnn.onnx", {"image": data["image"]}, labels=data["labels"],
+                                 target="accuracy_drop=0.02", holdout=0.5, batch_size=30, workers=1)
+    assert result.met and result.plan and result.holdout_samples == 270
+    assert result.holdout_drop <= 0.02 and result.size_ratio < 0.5
+    onnx.checker.check_model(result.model, full_check=True)
+    pred = np.concatenate([run_model(result.model, {"image": data["image"][i:i + 60]})[0].argmax(-1)
+                           for i in range(0, 540, 60)])
+    ref = np.concatenate([run_model(onnx.load(root / "digits_cnn.onnx"), {"image": data["image"][i:i + 60]})[0]
+                          .argmax(-1) for i in range(0, 540, 60)])
+    assert np.mean(pred == data["labels"]) >= np.mean(ref == data["labels"]) - 0.02
