@@ -55,6 +55,12 @@ def test_readme_cli_examples_run(in_checkout_copy):
     assert (in_checkout_copy / "bert_tiny.slim.onnx").exists()
     assert (in_checkout_copy / "bert_tiny.report.json").exists()
     assert (in_checkout_copy / "bert_int4.onnx").exists()
+    # the search example: its recipe replays to the same bytes; the analysis JSON has its evaluations
+    auto = (in_checkout_copy / "bert_auto.onnx").read_bytes()
+    assert auto == (in_checkout_copy / "bert_replay.onnx").read_bytes()
+    import json
+    analysis = json.loads((in_checkout_copy / "digits_analysis.json").read_text())
+    assert {e["technique"] for e in analysis["evaluations"]} == {"quantize-int8", "prune-channels:ratio=0.5"}
 
 
 @pytest.mark.slow
@@ -70,7 +76,7 @@ def test_readme_python_example_runs(in_checkout_copy):
 def test_readme_recipe_example_parses(tmp_path):
     from onnxslim_kit.pipeline import Pipeline
 
-    (toml,) = _blocks("toml")
+    toml = _blocks("toml")[0]
     path = tmp_path / "r.toml"
     path.write_text(toml)
     pipe = Pipeline.from_recipe(path)
