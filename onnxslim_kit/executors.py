@@ -1,0 +1,208 @@
+"""Where ``analyze`` runs its evaluations: inline, in a local process pool, or on a Ray cluster.
+
+An executor takes the shared evaluation state (baseline model, calibration feeds, reference outputs:
+``analyze._State``) and a list of tasks ``(index, technique, layer, op)``, and yields
+``(index, entry)`` pairs in completion order, where ``entry`` is ``Evaluation.to_dict()``. The caller
+(``analyze``) writes each entry to its cache and advances its progress bar as it arrives, so an
+interrupted run keeps everything that finished, whatever the executor.
+
+Every evaluation runs single-threaded: onnxruntime sessions made without an explicit thread count
+(the calibration sessions of quantize-int8, prune-channels' refit, ...) get 1 intra-op and 1 inter-op
+thread (:func:`onnxslim_kit.runtime.set_default_threads`), and numpy's BLAS gets 1 thread
+(threadpoolctl). Measured on 2 cores (tools/results/analyze_workers.md): with the defaults (one thread
+per core in every onnxruntime session and in OpenBLAS) 2 workers oversubscribed the cores and were
+slower than 1; single-threaded, they are clearly faster. Inline runs use the same setting, so every
+executor gives the same numbers.
+
+- ``local`` (the default): ``workers=1`` runs inline in this process; ``workers > 1`` starts a
+  ``ProcessPoolExecutor`` (spawn); each worker receives the state once, at start-up. A script that
+  uses it must call ``analyze`` under ``if __name__ == "__main__":``.
+- ``ray`` / ``ray://host:port``: one Ray task (1 CPU) per evaluation; the state is put into Ray's
+  object store once (``ray.put``) and every task reads it from there. Ray is initialised with that
+  address only when it is not initialised already (a caller may have run ``ray.init(...)`` itself),
+  and shut down again at the end when analyze started it. Plain ``ray`` starts a local instance, or
+  joins the cluster named by ``RAY_ADDRESS``. Every node needs onnxslim-kit installed. Ray is an
+  optional extra: ``pip install onnxslim-kit[ray]``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+from typing import Any, Iterator
+
+from .errors import InputError, OnnxSlimError
+from .runtime import default_threads, set_default_threads
+
+logger = logging.getLogger(__name__)
+
+Task = tuple[int, str, str, str]           # (index, technique, layer, op)
+Result = tuple[int, dict]                  # (index, Evaluation.to_dict())
+
+RAY_MISSING = "executor 'ray' needs the ray package: pip install onnxslim-kit[ray]"
+
+
+def parse_executor(spec: str | None) -> tuple[str, str | None]:
+    """``"local"`` -> ("local", None); ``"ray"`` -> ("ray", None); ``"ray://host:port"`` -> ("ray", that
+    address). Anything else is an :class:`InputError`."""
+    spec = (spec or "local").strip()
+    if spec == "local":
+        return "local", None
+    if spec == "ray":
+        return "ray", None
+    if spec.startswith("ray://"):
+        host, sep, port = spec[len("ray://"):].rpartition(":")
+        if not host or not sep or not port.isdigit():
+            raise InputError(f"--executor {spec}: expected ray://HOST:PORT")
+        return "ray", spec
+    raise InputError(f"--executor {spec}: expected local, ray or ray://HOST:PORT")
+
+
+def check_executor(spec: str | None) -> str:
+    """Validate ``spec`` before any work starts: the executor kind, and for Ray that it is installed."""
+    kind, _ = parse_executor(spec)
+    if kind == "ray":
+        _import_ray()
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-threaded evaluation
+# ----------------------------------------------------------------------------------------------
+
+def _blas_limit(threads: int | None):
+    """threadpoolctl's limit on numpy's BLAS (and any OpenMP runtime loaded); None: leave it."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """1 onnxruntime thread for sessions that do not ask for a count, 1 BLAS thread, for a block."""
+    with default_threads(1), _blas_limit(1):
+        yield
+
+
+def _evaluate(state: Any, task: Task) -> Result:
+    from .analyze import evaluate_one  # analyze imports this module
+
+    index, technique, layer, op = task
+    return index, evaluate_one(state, technique, layer, op).to_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inline and local pool
+# ----------------------------------------------------------------------------------------------
+
+def run_inline(state: Any, tasks: list[Task]) -> Iterator[Result]:
+    with single_threaded():
+        for task in tasks:
+            yield _evaluate(state, task)
+
+
+_WORKER_STATE: Any = None
+
+
+def _init_worker(state: Any) -> None:
+    """Pool worker start-up: single-threaded for the life of the process, state kept for every task."""
+    global _WORKER_STATE
+    set_default_threads(1)
+    _blas_limit(1)  # applies until the process ends
+    _WORKER_STATE = state
+
+
+def _worker_evaluate(task: Task) -> Result:
+    assert _WORKER_STATE is not None
+    return _evaluate(_WORKER_STATE, task)
+
+
+def run_pool(state: Any, tasks: list[Task], workers: int) -> Iterator[Result]:
+    mp = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=mp,
+                                                  initializer=_init_worker, initargs=(state,))
+    finished = False
+    try:
+        futures = [pool.submit(_worker_evaluate, task) for task in tasks]
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                yield fut.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                raise InputError(
+                    "analyze: a worker process died or failed to start (a script that calls analyze "
+                    "with workers > 1 must do so under `if __name__ == '__main__':`); finished "
+                    "evaluations are in the cache; rerun, or use workers=1") from None
+        finished = True
+    finally:
+        # On an error or an interruption, do not wait: a pool that could not start its workers
+        # (e.g. analyze called while a spawned child imports the caller's script) would never end.
+        pool.shutdown(wait=finished, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+# ----------------------------------------------------------------------------------------------
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError(RAY_MISSING) from None
+    return ray
+
+
+def _ray_evaluate(state: Any, task: Task) -> Result:
+    """One Ray task. ``state`` arrives resolved from the object store (Ray passes an ObjectRef given
+    as a top-level argument by value; its numpy arrays are read without a copy)."""
+    with single_threaded():
+        return _evaluate(state, task)
+
+
+def run_ray(state: Any, tasks: list[Task], address: str | None) -> Iterator[Result]:
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - connection errors come in several types
+            where = address or "a local Ray instance"
+            raise InputError(f"--executor: could not start or reach {where} "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        started = True
+    remote = ray.remote(num_cpus=1, max_retries=0)(_ray_evaluate)
+    pending: dict = {}
+    try:
+        state_ref = ray.put(state)
+        pending = {remote.remote(state_ref, task): task for task in tasks}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayTaskError:
+                    raise  # an exception raised by the evaluation itself: as in the local pool
+                except ray.exceptions.RayError as exc:
+                    raise OnnxSlimError(
+                        f"analyze: a Ray task failed ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); finished evaluations are in the cache; "
+                        f"rerun to resume") from None
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        if started:
+            ray.shutdown()
+
+
+def run(state: Any, tasks: list[Task], *, executor: str | None = "local", workers: int = 1) -> Iterator[Result]:
+    """Yield ``(index, entry)`` for every task, in completion order, on the executor ``executor``."""
+    kind, address = parse_executor(executor)
+    if not tasks:
+        return iter(())
+    if kind == "ray":
+        return run_ray(state, tasks, address)
+    if workers == 1 or len(tasks) == 1:
+        return run_inline(state, tasks)
+    return run_pool(state, tasks, workers)
