@@ -15,7 +15,8 @@ slower than 1; single-threaded, they are clearly faster. Inline runs use the sam
 executor gives the same numbers.
 
 - ``local`` (the default): ``workers=1`` runs inline in this process; ``workers > 1`` starts a
-  ``ProcessPoolExecutor`` (spawn); each worker receives the state once, at start-up. A script that
+  ``ProcessPoolExecutor`` (spawn); each worker reads the state once, at start-up, from a private
+  temporary file (removed at the end). A script that
   uses it must call ``analyze`` under ``if __name__ == "__main__":``.
 - ``ray`` / ``ray://host:port``: one Ray task (1 CPU) per evaluation; the state is put into Ray's
   object store once (``ray.put``) and every task reads it from there. Ray is initialised with that
@@ -31,6 +32,9 @@ import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
+import os
+import pickle
+import tempfile
 from typing import Any, Iterator
 
 from .errors import InputError, OnnxSlimError
@@ -106,12 +110,15 @@ def run_inline(state: Any, tasks: list[Task]) -> Iterator[Result]:
 _WORKER_STATE: Any = None
 
 
-def _init_worker(state: Any) -> None:
-    """Pool worker start-up: single-threaded for the life of the process, state kept for every task."""
+def _init_worker(state_path: str | None) -> None:
+    """Pool worker start-up: single-threaded for the life of the process; the state is read once from
+    the file the parent wrote (None: no state, for probes)."""
     global _WORKER_STATE
     set_default_threads(1)
     _blas_limit(1)  # applies until the process ends
-    _WORKER_STATE = state
+    if state_path is not None:
+        with open(state_path, "rb") as fh:
+            _WORKER_STATE = pickle.load(fh)
 
 
 def _worker_evaluate(task: Task) -> Result:
@@ -120,25 +127,35 @@ def _worker_evaluate(task: Task) -> Result:
 
 
 def run_pool(state: Any, tasks: list[Task], workers: int) -> Iterator[Result]:
-    mp = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=mp,
-                                                  initializer=_init_worker, initargs=(state,))
+    """The state goes to the workers through a private temporary file, not as the pool's initargs:
+    CPython (3.11) writes a new worker's initargs into a pipe whose read end it still holds itself,
+    so when a worker dies before reading them (a script without a ``__main__`` guard) and they exceed
+    the pipe buffer (64 KiB), ``submit`` blocks forever. The file is pickled once, read by every
+    worker, and removed when the pool is done."""
+    fd, path = tempfile.mkstemp(prefix="onnxslim-analyze-", suffix=".pkl")
+    pool = None
     finished = False
     try:
-        futures = [pool.submit(_worker_evaluate, task) for task in tasks]
-        for fut in concurrent.futures.as_completed(futures):
-            try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        mp = multiprocessing.get_context("spawn")
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=mp,
+                                                      initializer=_init_worker, initargs=(path,))
+        try:
+            futures = [pool.submit(_worker_evaluate, task) for task in tasks]
+            for fut in concurrent.futures.as_completed(futures):
                 yield fut.result()
-            except concurrent.futures.process.BrokenProcessPool:
-                raise InputError(
-                    "analyze: a worker process died or failed to start (a script that calls analyze "
-                    "with workers > 1 must do so under `if __name__ == '__main__':`); finished "
-                    "evaluations are in the cache; rerun, or use workers=1") from None
+        except concurrent.futures.process.BrokenProcessPool:
+            raise InputError(
+                "analyze: a worker process died or failed to start (a script that calls analyze "
+                "with workers > 1 must do so under `if __name__ == '__main__':`); finished "
+                "evaluations are in the cache; rerun, or use workers=1") from None
         finished = True
     finally:
-        # On an error or an interruption, do not wait: a pool that could not start its workers
-        # (e.g. analyze called while a spawned child imports the caller's script) would never end.
-        pool.shutdown(wait=finished, cancel_futures=True)
+        # On an error or an interruption, do not wait for running evaluations.
+        if pool is not None:
+            pool.shutdown(wait=finished, cancel_futures=True)
+        os.unlink(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -185,3 +185,26 @@ def test_analyze_exec_cache_resumes_after_interrupt_under_ray(inline, local_ray,
     resumed = _analyze(executor="ray", cache=cache)
     assert resumed.reused == 2 and resumed.computed == 6
     assert _json(resumed) == _json(inline)
+
+
+def test_analyze_exec_pool_without_main_guard_fails_fast_instead_of_hanging(tmp_path):
+    import os
+    import subprocess
+
+    import onnx
+
+    onnx.save(_model(), tmp_path / "m.onnx")
+    script = tmp_path / "no_guard.py"
+    script.write_text("import onnxslim_kit\n"
+                      f"onnxslim_kit.analyze('m.onnx', techniques={TECHNIQUES!r}, input_shapes={SHAPES!r}, "
+                      "workers=2)\n")
+    root = os.path.dirname(os.path.dirname(onnxslim_kit.__file__))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": root, "TMPDIR": str(scratch)}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)  # before the fix: blocked forever in ProcessPoolExecutor.submit
+    assert res.returncode != 0
+    assert "InputError: analyze: a worker process died or failed to start" in res.stderr
+    assert "if __name__ == '__main__':" in res.stderr
+    assert not list(scratch.glob("onnxslim-analyze-*"))  # the state file is removed
