@@ -386,8 +386,8 @@ def _calibration_id(feeds: list[dict[str, np.ndarray]], is_random: bool) -> str:
 
 
 def default_workers() -> int:
-    """The CPUs this process may use, at most 8. Measured on 2 cores (tools/results/analyze_workers.md):
-    with single-threaded evaluations 2 workers take clearly less wall time than 1."""
+    """The CPUs this process may use, at most 8: every evaluation is single-threaded, so one worker
+    per CPU (tools/results/analyze_workers.md: 2 workers vs 1 on 2 cores)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -398,17 +398,17 @@ def default_workers() -> int:
 def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, *,
             techniques: Iterable[str] | None = None, workers: int | None = None,
             executor: str = "local", cache: str | os.PathLike | None = None, latency: bool = False,
-            input_shapes: Any = None,
-            seed: int = 0, num_samples: int = 8, batch_size: int | None = None,
+            input_shapes: Any = None, seed: int = 0, num_samples: int = 8, batch_size: int | None = None,
             progress: Progress | None = None) -> "AnalysisReport":
     """Per-layer sensitivity of ``model`` to each technique (see the module doc).
 
     ``techniques``: pass specs that take an ``include`` option (default: :data:`DEFAULT_TECHNIQUES`).
     ``calibration``: as for :func:`onnxslim_kit.optimize` (None: seeded random data). ``workers``:
-    local processes (None: :func:`default_workers`; 1: inline). ``executor``: ``"local"``, ``"ray"``
-    or ``"ray://host:port"`` (with Ray, ``workers`` is unused: Ray runs as many tasks at once as its
-    cluster has CPUs). ``cache``: JSON-lines file to resume from and append
-    to. ``latency``: also time each candidate against the baseline (slow, noisy). ``progress``: an
+    local processes (None: up to :func:`default_workers`, used only when the evaluations are long
+    enough to pay for starting them, see ``executors.run_auto``; 1: inline). ``executor``:
+    ``"local"``, ``"ray"`` or ``"ray://host:port"`` (with Ray, ``workers`` is unused: Ray runs as
+    many tasks at once as its cluster has CPUs). ``cache``: JSON-lines file to resume from and
+    append to. ``latency``: also time each candidate against the baseline (slow, noisy). ``progress``: an
     ``(iterable, label) -> iterable`` wrapper over the evaluations still to compute; an exception it
     raises stops the analysis (what finished is already in the cache).
     """
@@ -417,6 +417,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     start = time.perf_counter()
     specs = [_normalise_technique(t) for t in (techniques or DEFAULT_TECHNIQUES)]
     specs = list(dict.fromkeys(specs))
+    auto = workers is None
     if workers is None:
         workers = default_workers()
     if workers < 1:
@@ -488,7 +489,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     def run_all() -> Iterator[Evaluation]:
         by_index = {i: (key, fields) for i, _, _, _, key, fields in todo}
         for i, entry in executors.run(state, [(i, t, layer, op) for i, t, layer, op, _, _ in todo],
-                                      executor=executor, workers=workers):
+                                      executor=executor, workers=workers, auto=auto):
             entry.pop("cached")
             key, fields = by_index[i]
             store.put(key, fields, entry)

@@ -254,7 +254,8 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
                    "quantize-weights:bits=4, prune-channels:ratio=0.5, svd:energy=0.9.")
 @click.option("-j", "--workers", type=int, default=None,
               help="Local worker processes (every evaluation runs with 1-thread onnxruntime sessions and "
-                   "1 BLAS thread). Default: the CPUs available, at most 8; 1 runs everything in this process.")
+                   "1 BLAS thread). Default: one per CPU (at most 8) once the first second of evaluations "
+                   "shows the rest takes long enough to pay for starting them; 1 runs everything in this process.")
 @click.option("--executor", default="local", show_default=True, metavar="local|ray|ray://HOST:PORT",
               help="Where evaluations run: a local process pool, or Ray (a local Ray instance, the cluster "
                    "in RAY_ADDRESS, or ray://HOST:PORT; needs pip install onnxslim-kit[ray] here and "

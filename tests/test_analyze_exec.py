@@ -5,6 +5,7 @@ with ``ray.init(num_cpus=2)`` as a user would.
 """
 
 import concurrent.futures
+import importlib
 import multiprocessing
 import sys
 
@@ -208,3 +209,34 @@ def test_analyze_exec_pool_without_main_guard_fails_fast_instead_of_hanging(tmp_
     assert "InputError: analyze: a worker process died or failed to start" in res.stderr
     assert "if __name__ == '__main__':" in res.stderr
     assert not list(scratch.glob("onnxslim-analyze-*"))  # the state file is removed
+
+
+def _count_pools(monkeypatch) -> list:
+    pools, original = [], executors.run_pool
+
+    def spy(state, tasks, workers):
+        pools.append((len(tasks), workers))
+        return original(state, tasks, workers)
+
+    monkeypatch.setattr(executors, "run_pool", spy)
+    return pools
+
+
+def test_analyze_exec_default_workers_stay_inline_for_short_work(inline, monkeypatch):
+    pools = _count_pools(monkeypatch)
+    report = _analyze()  # no worker count: 8 evaluations of well under a second in all
+    assert pools == [] and report.workers == importlib.import_module("onnxslim_kit.analyze").default_workers()
+    assert _json(report) == _json(inline)
+
+
+def test_analyze_exec_auto_moves_long_work_to_the_pool(inline, monkeypatch):
+    pools = _count_pools(monkeypatch)
+
+    def run_probe_only(state, tasks, **kwargs):  # the real run_auto, with every estimate "long"
+        assert kwargs["auto"] and len(tasks) == 8
+        return executors.run_auto(state, tasks, 2, probe_seconds=0.0, pool_min_seconds=0.0)
+
+    monkeypatch.setattr(executors, "run", run_probe_only)
+    report = _analyze()
+    assert pools == [(7, 2)]  # the first evaluation inline, the other 7 in 2 workers
+    assert _json(report) == _json(inline)
