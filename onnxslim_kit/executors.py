@@ -38,6 +38,7 @@ import os
 import pickle
 import tempfile
 import time
+import warnings
 from typing import Any, Iterator
 
 from .errors import InputError, OnnxSlimError
@@ -185,7 +186,9 @@ def run_ray(state: Any, tasks: list[Task], address: str | None) -> Iterator[Resu
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            with warnings.catch_warnings():  # a failed connection also warns; the error below says it
+                warnings.simplefilter("ignore")
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         except Exception as exc:  # noqa: BLE001 - connection errors come in several types
             where = address or "a local Ray instance"
             raise InputError(f"--executor: could not start or reach {where} "
@@ -210,8 +213,11 @@ def run_ray(state: Any, tasks: list[Task], address: str | None) -> Iterator[Resu
                         f"{' '.join(str(exc).split())[:200]}); finished evaluations are in the cache; "
                         f"rerun to resume") from None
     finally:
-        for ref in pending:
-            ray.cancel(ref)
+        for ref in pending:  # an error or an interruption: drop what has not run yet
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort; shutdown below ends a Ray we started
+                logger.debug("could not cancel a Ray task", exc_info=True)
         if started:
             ray.shutdown()
 
