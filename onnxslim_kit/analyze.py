@@ -188,7 +188,8 @@ class AnalysisReport:
 
 @dataclass
 class _State:
-    """What every evaluation needs; pickled once per worker."""
+    """What every evaluation needs; shipped once per run (a file each pool worker reads, or Ray's object
+    store)."""
 
     baseline: bytes                        # serialized baseline proto
     feeds: list[dict[str, np.ndarray]]
