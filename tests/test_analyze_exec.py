@@ -165,7 +165,7 @@ def local_ray():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)  # not a stale cluster of a ray start
     yield ray
     if started:
         ray.shutdown()

@@ -6,7 +6,7 @@
 Models: resnet_tiny (20 Conv + Gemm) and mobilenetv2_tiny (28 Conv + Gemm), and digits_cnn (4 Conv +
 Gemm, a small model) with their shipped calibration samples. Variants run interleaved (w1, w2,
 default, ray, w1, ...) in this one process, each a full ``analyze`` call (pool start-up included;
-Ray's ``ray.init(num_cpus=2)`` happens once before the first run and is reported separately).
+Ray's ``ray.init(address="local", num_cpus=2)`` happens once before the first run and is reported separately).
 Prints every run, the median per variant, the ratios against 1 worker, the CPU seconds used by
 this process and its pool workers (not Ray's workers), the 1-minute load average before each run,
 and whether every variant gave the same evaluations (JSON minus timing fields). Ray needs
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             ray = None
         if ray is not None:
             t0 = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new local instance
             ray_note = f"ray {ray.__version__}, ray.init(num_cpus=2) took {time.perf_counter() - t0:.1f}s (not counted)"
             variants.append(("ray (2 cpus)", {"executor": "ray"}))
     print(f"cpus: {os.cpu_count()}; {ray_note}", flush=True)
