@@ -25,13 +25,15 @@ touches a layer: an evaluation where the pass changes nothing is recorded as ``s
 pass's own reason (e.g. "weight has 512 elements < min_size=4096"); one where the pass raises is
 recorded as ``error`` with its one-line message.
 
-Evaluations are independent: ``workers > 1`` runs them in a ``ProcessPoolExecutor`` (spawn context;
-each worker gets the baseline model, the calibration feeds and the reference outputs once, and builds
-its own onnxruntime sessions with 1 intra-op thread); ``workers=1`` runs them inline, also with
-1-thread sessions, so both give the same numbers. As with every spawn-based pool, a script that
-calls ``analyze(..., workers > 1)`` must do so under ``if __name__ == "__main__":`` (the workers import
-the script; without the guard each worker stops with an error saying so, and the caller can hang:
-seen with Python 3.11, not fixed here). The CLI needs nothing.
+Evaluations are independent, so they run in parallel (``onnxslim_kit.executors``): with
+``executor="local"`` (the default), ``workers > 1`` runs them in a process pool (spawn; each worker
+receives the baseline model, the calibration feeds and the reference outputs once) and ``workers=1``
+inline; ``executor="ray"`` or ``"ray://host:port"`` runs one Ray task per evaluation with that state
+put into Ray's object store once (``pip install onnxslim-kit[ray]``). Every evaluation runs with
+1-thread onnxruntime sessions and 1 BLAS thread whatever the executor, so all of them give the same
+numbers. As with every spawn-based pool, a script that calls ``analyze(..., workers > 1)`` must do
+so under ``if __name__ == "__main__":`` (the workers import the script; without the guard the pool
+fails with an error saying so). The CLI needs nothing.
 
 Resumability: with ``cache=PATH`` every finished evaluation is appended to a JSON-lines file, keyed by
 (model fingerprint, technique spec, layer, calibration identity, latency on/off). A rerun reuses every
@@ -42,7 +44,6 @@ This module builds passes by spec through the registry; it imports no pass modul
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import onnx
 
+from . import executors
 from .calibration import CalibrationData
 from .errors import InputError, OnnxSlimError
 from .ir import Model
@@ -165,6 +167,7 @@ class AnalysisReport:
     calibration_id: str
     model_fingerprint: str
     workers: int
+    executor: str = "local"
     computed: int = 0                      # evaluations run in this call
     reused: int = 0                        # evaluations taken from the cache
     cache: str | None = None
@@ -182,7 +185,8 @@ class AnalysisReport:
             "baseline": self.baseline, "original": self.original,
             "calibration": {"source": self.calibration_source, "is_random": self.calibration_is_random,
                             "id": self.calibration_id},
-            "model_fingerprint": self.model_fingerprint, "workers": self.workers, "computed": self.computed,
+            "model_fingerprint": self.model_fingerprint, "workers": self.workers,
+            "executor": self.executor, "computed": self.computed,
             "reused": self.reused, "cache": self.cache, "latency": self.latency,
             "seconds": round(self.seconds, 3), "warnings": self.warnings,
             "evaluations": [e.to_dict() for e in self.ranked()],
@@ -200,7 +204,8 @@ class AnalysisReport:
 
 @dataclass
 class _State:
-    """What every evaluation needs; pickled once per worker."""
+    """What every evaluation needs; shipped once per run (a file each pool worker reads, or Ray's object
+    store)."""
 
     baseline: bytes                        # serialized baseline proto
     feeds: list[dict[str, np.ndarray]]
@@ -234,19 +239,6 @@ class _State:
         feeds = self.feeds if indices is None else [self.feeds[i] for i in indices]
         return CalibrationData(lambda: iter(feeds), length=len(feeds), num_samples=len(feeds),
                                source=self.source, is_random=self.is_random)
-
-
-_WORKER_STATE: _State | None = None
-
-
-def _init_worker(state: _State) -> None:
-    global _WORKER_STATE
-    _WORKER_STATE = state
-
-
-def _worker_evaluate(index: int, technique: str, layer: str, op: str) -> tuple[int, dict]:
-    assert _WORKER_STATE is not None
-    return index, evaluate_one(_WORKER_STATE, technique, layer, op).to_dict()
 
 
 def _output_damage(m) -> float:
@@ -436,17 +428,30 @@ def _calibration_id(feeds: list[dict[str, np.ndarray]], is_random: bool) -> str:
     return digest.hexdigest()[:32]
 
 
+def default_workers() -> int:
+    """The CPUs this process may use, at most 8: every evaluation is single-threaded, so one worker
+    per CPU (tools/results/analyze_workers.md: 2 workers vs 1 on 2 cores)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
 def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, *,
             techniques: Iterable[str] | None = None, workers: int | None = None,
-            cache: str | os.PathLike | None = None, latency: bool = False, input_shapes: Any = None,
-            seed: int = 0, num_samples: int = 8, batch_size: int | None = None,
+            executor: str = "local", cache: str | os.PathLike | None = None, latency: bool = False,
+            input_shapes: Any = None, seed: int = 0, num_samples: int = 8, batch_size: int | None = None,
             progress: Progress | None = None, metric: Any = None, labels: Any = None) -> "AnalysisReport":
     """Per-layer sensitivity of ``model`` to each technique (see the module doc).
 
     ``techniques``: pass specs that take an ``include`` option (default: :data:`DEFAULT_TECHNIQUES`).
     ``calibration``: as for :func:`onnxslim_kit.optimize` (None: seeded random data). ``workers``:
-    processes (None: the CPU count; 1: inline). ``cache``: JSON-lines file to resume from and append
-    to. ``latency``: also time each candidate against the baseline (slow, noisy). ``progress``: an
+    local processes (None: up to :func:`default_workers`, used only when the evaluations are long
+    enough to pay for starting them, see ``executors.run_auto``; 1: inline). ``executor``:
+    ``"local"``, ``"ray"`` or ``"ray://host:port"`` (with Ray, ``workers`` is unused: Ray runs as
+    many tasks at once as its cluster has CPUs). ``cache``: JSON-lines file to resume from and
+    append to. ``latency``: also time each candidate against the baseline (slow, noisy). ``progress``: an
     ``(iterable, label) -> iterable`` wrapper over the evaluations still to compute; an exception it
     raises stops the analysis (what finished is already in the cache). ``metric``: also score every
     candidate with a user metric (``top1|cosine|snr|module:function``, see :mod:`onnxslim_kit.usermetric`)
@@ -465,11 +470,13 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
         scorer = parse_metric(metric if metric is not None else "top1")
     specs = [_normalise_technique(t) for t in (techniques or DEFAULT_TECHNIQUES)]
     specs = list(dict.fromkeys(specs))
+    auto = workers is None
     if workers is None:
-        workers = max(1, min(os.cpu_count() or 1, 8))
+        workers = default_workers()
     if workers < 1:
         raise InputError(f"--workers {workers}: expected at least 1")
-    if workers > 1 and getattr(multiprocessing.current_process(), "_inheriting", False):
+    kind = executors.check_executor(executor)
+    if kind == "local" and workers > 1 and getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned worker is importing the caller's script, which calls analyze at import time:
         # stop here (the parent then reports a broken pool) instead of starting a pool in the worker.
         raise InputError("analyze with workers > 1 must be called under `if __name__ == '__main__':`")
@@ -545,40 +552,14 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
 
     def run_all() -> Iterator[Evaluation]:
         by_index = {i: (key, fields) for i, _, _, _, key, fields in todo}
-        if workers == 1 or len(todo) <= 1:
-            for i, t, layer, op, key, fields in todo:
-                ev = evaluate_one(state, t, layer, op)
-                entry = ev.to_dict()
-                entry.pop("cached")
-                store.put(key, fields, entry)
-                results[i] = ev
-                yield ev
-            return
-        mp = multiprocessing.get_context("spawn")
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp,
-                                                      initializer=_init_worker, initargs=(state,))
-        finished = False
-        try:
-            futures = [pool.submit(_worker_evaluate, i, t, layer, op) for i, t, layer, op, _, _ in todo]
-            for fut in concurrent.futures.as_completed(futures):
-                try:
-                    i, entry = fut.result()
-                except concurrent.futures.process.BrokenProcessPool:
-                    raise InputError(
-                        "analyze: a worker process died or failed to start (a script that calls analyze "
-                        "with workers > 1 must do so under `if __name__ == '__main__':`); finished "
-                        "evaluations are in the cache; rerun, or use workers=1") from None
-                entry.pop("cached")
-                key, fields = by_index[i]
-                store.put(key, fields, entry)
-                ev = Evaluation.from_dict(entry)
-                results[i] = ev
-                yield ev
-            finished = True
-        finally:
-            # On an error or an interruption, do not wait: a pool that could not start its workers
-            # (e.g. analyze called while a spawned child imports the caller's script) would never end.
-            pool.shutdown(wait=finished, cancel_futures=True)
+        for i, entry in executors.run(state, [(i, t, layer, op) for i, t, layer, op, _, _ in todo],
+                                      executor=executor, workers=workers, auto=auto):
+            entry.pop("cached")
+            key, fields = by_index[i]
+            store.put(key, fields, entry)
+            ev = Evaluation.from_dict(entry)
+            results[i] = ev
+            yield ev
 
     stream: Iterable[Evaluation] = _Sized(run_all(), len(todo))
     if progress is not None and todo:
@@ -598,6 +579,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
         baseline={"params": base_stats.params, "macs": base_stats.macs, "bytes": base_stats.bytes},
         original={"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes},
         calibration_source=data.source, calibration_is_random=data.is_random, calibration_id=calib_id,
-        model_fingerprint=fingerprint, workers=workers, computed=computed, reused=len(tasks) - len(todo),
+        model_fingerprint=fingerprint, workers=workers, executor=executor, computed=computed,
+        reused=len(tasks) - len(todo),
         cache=store.path, latency=latency, seconds=time.perf_counter() - start, warnings=warnings,
         layer_weights=layer_weights)

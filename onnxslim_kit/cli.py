@@ -320,8 +320,13 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
                    "'include' option, which analyze sets to one layer at a time. Default: quantize-int8, "
                    "quantize-weights:bits=4, prune-channels:ratio=0.5, svd:energy=0.9.")
 @click.option("-j", "--workers", type=int, default=None,
-              help="Worker processes (each with 1-thread onnxruntime sessions). Default: the CPU count; "
-                   "1 runs everything in this process.")
+              help="Local worker processes (every evaluation runs with 1-thread onnxruntime sessions and "
+                   "1 BLAS thread). Default: one per CPU (at most 8) once the first second of evaluations "
+                   "shows the rest takes long enough to pay for starting them; 1 runs everything in this process.")
+@click.option("--executor", default="local", show_default=True, metavar="local|ray|ray://HOST:PORT",
+              help="Where evaluations run: a local process pool, or Ray (a local Ray instance, the cluster "
+                   "in RAY_ADDRESS, or ray://HOST:PORT; needs pip install onnxslim-kit[ray] here and "
+                   "onnxslim-kit on every node).")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Write the full analysis (every evaluation, per-output metrics, skip reasons) as JSON.")
 @click.option("--cache", type=click.Path(), default=None,
@@ -337,8 +342,8 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
 @_labels_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (use with --json).")
 @click.pass_context
-def analyze(ctx, model, calib, techniques, workers, json_path, cache, latency, input_shapes, seed, samples, top,
-            metric, labels, quiet):
+def analyze(ctx, model, calib, techniques, workers, executor, json_path, cache, latency, input_shapes, seed,
+            samples, top, metric, labels, quiet):
     """Per-layer sensitivity: apply each technique to one layer at a time and measure the damage.
 
     Every evaluation runs cleanup plus one technique restricted to one layer (Conv, ConvTranspose,
@@ -350,8 +355,8 @@ def analyze(ctx, model, calib, techniques, workers, json_path, cache, latency, i
     from .report import render_analysis
 
     ctx.obj.update(quiet=quiet)
-    report = run(model, calib, techniques=list(techniques) or None, workers=workers, cache=cache,
-                 latency=latency, input_shapes=list(input_shapes), seed=seed, num_samples=samples,
+    report = run(model, calib, techniques=list(techniques) or None, workers=workers, executor=executor,
+                 cache=cache, latency=latency, input_shapes=list(input_shapes), seed=seed, num_samples=samples,
                  progress=_progress_factory(quiet), metric=metric, labels=labels)
     if json_path:
         report.to_json(json_path)

@@ -215,7 +215,8 @@ def render_analysis(report, *, top: int | None = None) -> str:
     if metric:
         headers += [f"{metric} drop", "measured on"]
     lines = [f"{report.source}: {len(report.evaluations)} evaluation(s) ({report.computed} computed, "
-             f"{report.reused} from the cache) on {report.calibration_source}, {report.workers} worker(s), "
+             f"{report.reused} from the cache) on {report.calibration_source}, "
+             f"{f'{report.workers} worker(s)' if report.executor == 'local' else report.executor}, "
              f"{report.seconds:.1f}s",
              "damage = 1 - min cosine over the outputs vs the original; damage/saved = damage per fraction of "
              "the baseline's MACs saved (bytes where no MACs are saved); lower is a better trade", ""]

@@ -2,16 +2,25 @@
 
 Everything that creates an ``onnxruntime.InferenceSession`` goes through :func:`make_session`, so
 session options (threads, optimization level) and the >2 GB temp-file path live in one place.
+
+Threads: a session made with ``threads=None`` (every pass's calibration session, the parity gate by
+default) gets onnxruntime's default, one intra-op thread per core. A process that runs several such
+jobs side by side (``analyze``'s worker processes) caps that default with :func:`set_default_threads`
+or, for one block of code, :func:`default_threads`: the cap applies to sessions that do not ask for a
+thread count, so no pass needs a threads parameter. It is a process-wide setting on purpose (the one
+exception to "no global settings"): a worker process does nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -22,6 +31,33 @@ logger = logging.getLogger(__name__)
 
 # protobuf refuses to serialize a message >= 2 GiB; stay clear of the limit.
 PROTO_LIMIT = 2**31 - 2**24
+
+# Thread count for sessions made with threads=None (None: onnxruntime's default). See the module doc.
+_default_threads: int | None = None
+
+
+def set_default_threads(threads: int | None) -> int | None:
+    """Sessions made from now on with ``threads=None`` use ``threads`` intra-op threads (and 1
+    inter-op thread); None restores onnxruntime's default. Returns the previous setting."""
+    global _default_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous, _default_threads = _default_threads, threads
+    return previous
+
+
+def get_default_threads() -> int | None:
+    return _default_threads
+
+
+@contextlib.contextmanager
+def default_threads(threads: int | None) -> Iterator[None]:
+    """:func:`set_default_threads` for the duration of a ``with`` block."""
+    previous = set_default_threads(threads)
+    try:
+        yield
+    finally:
+        set_default_threads(previous)
 
 
 def _relu_model(ir_version: int, opset: int) -> bytes:
@@ -81,12 +117,15 @@ def session_options(*, optimize: bool = True, threads: int | None = None,
                     optimized_model_path: str | None = None, mem_arena: bool = True) -> ort.SessionOptions:
     """``mem_arena=False``: tensors go back to the system when freed instead of staying in
     onnxruntime's arena (checks that run a model a few times: a model whose DequantizeLinear outputs
-    are full float weights otherwise keeps all of them allocated, 1x the float weights)."""
+    are full float weights otherwise keeps all of them allocated, 1x the float weights).
+    ``threads=None``: the process default (:func:`set_default_threads`), else onnxruntime's."""
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = mem_arena
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    if not threads:
+        threads = _default_threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
