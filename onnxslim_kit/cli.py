@@ -175,6 +175,8 @@ def _parse_tolerances(items) -> dict[str, float] | None:
                    "quantize-int8, quantize-weights:bits=4, prune-channels:ratio=0.5, svd:energy=0.9).")
 @click.option("-j", "--workers", type=int, default=1, show_default=True,
               help="With --target: worker processes for the per-layer analysis.")
+@click.option("--executor", default="local", show_default=True, metavar="local|ray|ray://HOST:PORT",
+              help="With --target: where the per-layer analysis runs (as for analyze --executor).")
 @click.option("--holdout", type=float, default=0.0, show_default=True,
               help="With --target: share of the calibration feeds (seeded) kept out of the search and only "
                    "scored at the end, e.g. 0.5.")
@@ -192,7 +194,7 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,
-             seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, holdout,
+             seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, executor, holdout,
              max_verifications, save_recipe, cache, confidence, quiet):
     """Optimize MODEL and write it to OUTPUT if it passes the parity gate.
 
@@ -206,7 +208,7 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
     if target is None:
         given = [name for name, value in (("--metric", metric), ("--labels", labels), ("-t/--technique", techniques),
                                           ("--holdout", holdout), ("--save-recipe", save_recipe),
-                                          ("--cache", cache)) if value]
+                                          ("--cache", cache), ("--executor", executor != "local")) if value]
         if given:
             raise InputError(f"{', '.join(given)}: only with --target")
     else:
@@ -216,7 +218,7 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
                         tolerance=_parse_tolerances(tolerances), check=check, output=output, seed=seed,
                         num_samples=samples, batch_size=batch_size, progress=_progress_factory(quiet),
                         overwrite=overwrite, metric=metric, labels=labels, techniques=list(techniques) or None,
-                        workers=workers, holdout=holdout, max_verifications=max_verifications,
+                        workers=workers, executor=executor, holdout=holdout, max_verifications=max_verifications,
                         save_recipe=save_recipe, cache=cache, confidence=confidence)
         if report_path:
             with open(report_path, "w", encoding="utf-8") as fh:

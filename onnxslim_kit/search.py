@@ -331,7 +331,8 @@ def _run_plan(pipe: Pipeline, model: Model, ctx: PassContext) -> tuple[Model, Pi
 
 def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, *, target: str | Target,
            metric: str | Metric | None = None, labels: Any = None, techniques: Iterable[str] | None = None,
-           workers: int | None = 1, holdout: float = 0.0, seed: int = 0, input_shapes: Any = None,
+           workers: int | None = 1, executor: str = "local", holdout: float = 0.0, seed: int = 0,
+           input_shapes: Any = None,
            num_samples: int = 8, batch_size: int | None = None, max_verifications: int = 8,
            cache: str | os.PathLike | None = None, latency_threads: int = 2, confidence: float = 0.95,
            progress: Progress | None = None) -> SearchResult:
@@ -383,7 +384,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     h_labels = split_labels(all_labels, counts, hold_idx) if hold_idx else None
     s_data = _subset(data, s_feeds, data.source + (" (search share)" if hold_idx else ""))
 
-    report = analyze(original, s_data, techniques=techniques, workers=workers, cache=cache,
+    report = analyze(original, s_data, techniques=techniques, workers=workers, executor=executor, cache=cache,
                      input_shapes=shapes, seed=seed, progress=progress, metric=scorer, labels=s_labels)
 
     # Cross-fitted verification: the plan is built twice, with its passes fitted on the first half of the

@@ -240,3 +240,17 @@ def test_analyze_exec_auto_moves_long_work_to_the_pool(inline, monkeypatch):
     report = _analyze()
     assert pools == [(7, 2)]  # the first evaluation inline, the other 7 in 2 workers
     assert _json(report) == _json(inline)
+
+
+def test_search_plan_is_the_same_with_the_local_pool_and_ray(local_ray):
+    """Issue 7: local pool and Ray executor give identical plans for the same seed (the search built on
+    the same per-layer analysis, run by each executor)."""
+    common = dict(target="size=0.6x", techniques=["quantize-weights:bits=4,min_elements=256",
+                                                  "prune-channels:ratio=0.5"],
+                  input_shapes=SHAPES, seed=3, max_verifications=4)
+    pooled = onnxslim_kit.search(_model(), workers=2, executor="local", **common)
+    on_ray = onnxslim_kit.search(_model(), executor="ray", **common)
+    plan = [(e.layer, e.technique) for e in pooled.plan]
+    assert plan and plan == [(e.layer, e.technique) for e in on_ray.plan]
+    assert pooled.met == on_ray.met
+    assert pooled.model.SerializeToString() == on_ray.model.SerializeToString()
