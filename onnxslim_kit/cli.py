@@ -175,8 +175,9 @@ def _parse_tolerances(items) -> dict[str, float] | None:
                    "quantize-int8, quantize-weights:bits=4, prune-channels:ratio=0.5, svd:energy=0.9).")
 @click.option("-j", "--workers", type=int, default=1, show_default=True,
               help="With --target: worker processes for the per-layer analysis.")
-@click.option("--executor", default="local", show_default=True, metavar="local|ray|ray://HOST:PORT",
-              help="With --target: where the per-layer analysis runs (as for analyze --executor).")
+@click.option("--executor", default="local", show_default=True, metavar="WHERE",
+              help="With --target: where the per-layer analysis runs: local, ray or ray://HOST:PORT (as for "
+                   "analyze --executor).")
 @click.option("--holdout", type=float, default=0.0, show_default=True,
               help="With --target: share of the calibration feeds (seeded) kept out of the search and only "
                    "scored at the end, e.g. 0.5.")
