@@ -405,9 +405,11 @@ class Model:
         return self.graph.nodes
 
     def invalidate(self) -> None:
-        """Drop cached maps; call after any structural change made without the helpers below."""
+        """Drop cached maps; call after any structural change made without the helpers below. The set of
+        used names is kept: it only grows (a removed tensor's name stays taken), and new names come from
+        :meth:`unique_name`, so it never misses one (rebuilding it after every change made rewrite loops
+        quadratic: ~26 ms a run on a small opset-11 model's Constant folding)."""
         self._tensor_map = None
-        self._names = None
 
     def tensors(self) -> dict[str, gs.Tensor]:
         """Cached name -> tensor map of the main graph (graphsurgeon's ``tensors()`` walks every node)."""
