@@ -60,6 +60,9 @@ def _shapes(input_shapes) -> dict[str, list[int]]:
     return out
 
 
+SMALL_MODEL_BYTES = 8 << 20  # below this, parity sessions run on one thread
+
+
 def _tolerance(base: Tolerance, tolerance: Tolerance | dict[str, float] | None) -> Tolerance:
     if tolerance is None:
         return base
@@ -143,7 +146,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
         # In memory, the reference runs in a background thread next to the passes: one onnxruntime
         # thread for it (measured on resnet_tiny, busy 2-core machine: 2 threads took 0.15 s of CPU and
         # 0.35 s wall for the 16 reference runs, 1 thread 0.07 s and 0.17 s).
+        # Small models are checked on one thread too: an onnxruntime thread pool costs more to start than
+        # it saves on a model of a few MB.
+        small = not streamed and proto.ByteSize() < SMALL_MODEL_BYTES
         checker = ParityChecker(label if streamed else proto, data, progress=progress,
+                                threads=1 if small else None,
                                 reference_threads=None if streamed or check != "end" else 1)
         if streamed:
             checker.reference_outputs  # noqa: B018 - computed now, and the reference session released
