@@ -916,9 +916,10 @@ def _in_order(nodes: list[gs.Node]) -> bool:
     produced = {id(o) for n in nodes for o in n.outputs}
     seen: set[int] = set()
     for node in nodes:
-        for a in node.attrs.values():
-            if isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a)):
-                return False
+        if node.op in ("If", "Loop", "Scan", "SequenceMap") or (node.domain and any(
+                isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
+                for a in node.attrs.values())):
+            return False  # subgraphs: their outer reads count as inputs (_kahn knows them)
         for t in node.inputs:
             if id(t) in produced and id(t) not in seen:
                 return False
