@@ -803,6 +803,21 @@ def _scalar_operand(model: Model, node: gs.Node) -> tuple[int, float] | None:
     return i, float(v.reshape(-1)[0])
 
 
+def _constant_operand(model: Model, node: gs.Node) -> tuple[int, np.ndarray] | None:
+    """(index, value) of the one finite float32 constant input of a binary node whose other input is an
+    activation (a scalar, or e.g. a MatMul's bias vector); None otherwise."""
+    if len(node.inputs) != 2:
+        return None
+    values = [model.constant_value(t) for t in node.inputs]
+    if (values[0] is None) == (values[1] is None):
+        return None
+    i = 0 if values[0] is not None else 1
+    v = np.asarray(values[i])
+    if v.dtype != np.float32 or not v.size or not np.isfinite(v).all():
+        return None
+    return i, v
+
+
 def _rescale(model: Model, node: gs.Node) -> tuple[gs.Tensor, float] | None:
     """(activation, factor) of ``Mul(x, c)`` with a scalar constant c > 0: quantized, its output holds
     the same integers as x read with scale * c, so the Mul itself can go."""
@@ -1238,7 +1253,7 @@ class QuantizeInt8(Pass):
             if node.op in _QUANT_FRIENDLY and node.name not in self.exclude and \
                     node.op not in self.exclude_op_types and \
                     (all(model.constant_value(t) is None and is_float(t) for t in node.inputs) or
-                     (node.op == "Add" and _scalar_operand(model, node) is not None)) and \
+                     (node.op == "Add" and _constant_operand(model, node) is not None)) and \
                     all(is_float(t) for t in node.outputs):
                 selected.add(id(node))
         # Data-movement ops next to quantized nodes carry the quantized tensor through.
@@ -1363,7 +1378,7 @@ class QuantizeInt8(Pass):
                     model.graph.outputs[i] = dq
             stats["activations_quantized"] += 1
         for node in nodes:
-            if node.op == "Add" and _scalar_operand(model, node) is not None:
+            if node.op == "Add" and _constant_operand(model, node) is not None:
                 self._quantize_operand(model, node, stats)
         for node in nodes:
             if node.op == "Mul" and _rescale(model, node) is not None:
@@ -1612,26 +1627,33 @@ class QuantizeInt8(Pass):
         return count
 
     def _quantize_operand(self, model: Model, node: gs.Node, stats) -> None:
-        """The scalar constant of a quantized Add becomes DQ(one integer), as QLinearAdd needs."""
-        i, value = _scalar_operand(model, node)
+        """The constant of a quantized Add (a scalar, or a bias vector after a MatMul) becomes DQ of its
+        own integers, as QLinearAdd needs (onnxruntime's recipe does the same): per tensor, over the
+        constant's own range (a scalar sits at one end of it, exactly)."""
+        i, value = _constant_operand(model, node)
         other = node.inputs[1 - i]
         dq = other.inputs[0] if other.inputs else None
         if dq is None or dq.op != "DequantizeLinear":
             return
         zp_dtype = np.asarray(model.constant_value(dq.inputs[2])).dtype
         info = np.iinfo(zp_dtype)
-        if info.min == 0:  # uint8: the value sits at one end of the range, exactly
-            scale, zp, q = abs(value) / info.max, (0 if value > 0 else info.max), (info.max if value > 0 else 0)
+        value = value.astype(np.float64)
+        if info.min == 0:  # uint8, asymmetric
+            lo, hi = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
+            scale = (hi - lo) / info.max or 1.0
+            zp = int(np.clip(round(-lo / scale), 0, info.max))
         else:
-            scale, zp, q = abs(value) / info.max, 0, (info.max if value > 0 else -info.max)
+            scale, zp = float(np.abs(value).max()) / info.max or 1.0, 0
+        q = np.clip(np.rint(value / scale) + zp, info.min, info.max).astype(zp_dtype)
         base = node.inputs[i].name or node.name
-        q_t = tensor_from_array(model.unique_name(base + "_quantized"), np.array(q, zp_dtype))
+        q_t = tensor_from_array(model.unique_name(base + "_quantized"), q)
         s_t = tensor_from_array(model.unique_name(base + "_scale"), np.array(scale, np.float32))
         z_t = tensor_from_array(model.unique_name(base + "_zero_point"), np.array(zp, zp_dtype))
-        out = gs.Variable(model.unique_name(base + "_dequantized"), dtype=np.float32, shape=[])
+        out = gs.Variable(model.unique_name(base + "_dequantized"), dtype=np.float32, shape=list(value.shape))
         model.graph.nodes.append(gs.Node("DequantizeLinear", model.unique_name(base + "_DQ"),
                                          inputs=[q_t, s_t, z_t], outputs=[out]))
         node.inputs[i] = out
+        stats["constants_quantized"] = stats.get("constants_quantized", 0) + 1
 
     @staticmethod
     def _drop_rescale(model: Model, node: gs.Node, stats) -> None:

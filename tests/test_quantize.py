@@ -883,3 +883,23 @@ def test_quantize_int8_align_channels_widens_narrow_dense_groups(tmp_path):
     assert "QLinearConv" in fused_ops(out, tmp_path)
     _, report = onnxslim_kit.optimize(src, passes=["cleanup", "quantize-int8:align_channels=true,target_cosine=0.9"])
     assert "channels_added" not in report.passes[1].stats
+
+
+def test_quantize_int8_bias_add_after_matmul_runs_as_qlinearadd(tmp_path):
+    """MatMul -> Add(bias vector): the bias is quantized as its own uint8 constant so onnxruntime runs
+    the Add as QLinearAdd (as its own recipe does) instead of DQ -> float Add -> Q."""
+    r = rng(23)
+    inits = [init("w1", (r.standard_normal((32, 48)) * 0.2).astype(np.float32)),
+             init("b1", (r.standard_normal(48) * 0.3).astype(np.float32)),
+             init("w2", (r.standard_normal((48, 16)) * 0.2).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm1"),
+             helper.make_node("Add", ["m", "b1"], ["a"], name="bias"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    src = make_model(nodes, [("x", FLOAT, ["N", 8, 32])], [("y", FLOAT, ["N", 8, 16])], inits)
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
+    onnx.checker.check_model(out, full_check=True)
+    assert report.passes[0].stats["constants_quantized"] == 1 and report.parity.ok
+    assert report.parity.outputs[0].cosine > 0.999
+    fused = fused_ops(out, tmp_path)
+    assert "QLinearAdd" in fused and "Add" not in fused
