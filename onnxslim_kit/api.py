@@ -165,9 +165,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     else:
         working = Model.from_proto(proto, source=label)
     per_pass = check == "per-pass"
-    result, records = pipeline.run(
-        working, ctx, per_pass=per_pass, tolerance_override=overrides,
-        checker=(lambda m, tol: checker.check(m if streamed else m.to_proto(), tol)) if per_pass else None)
+    try:
+        result, records = pipeline.run(
+            working, ctx, per_pass=per_pass, tolerance_override=overrides,
+            checker=(lambda m, tol: checker.check(m if streamed else m.to_proto(), tol)) if per_pass else None)
+    except BaseException:
+        if checker is not None:
+            checker.close()  # a reference still running in its thread would abort the interpreter at exit
+        raise
     final_tol = _tolerance(pipeline.tolerance, tolerance)
     written = False
     after_bytes = None

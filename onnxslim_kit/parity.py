@@ -415,6 +415,12 @@ class ParityChecker:
         self._prefetch = (thread, box)
         thread.start()
 
+    def close(self) -> None:
+        """Wait for a prefetch still running (its onnxruntime session must not outlive the run: the
+        interpreter aborts at exit with a native thread still inside onnxruntime)."""
+        if self._prefetch is not None:
+            self._prefetch[0].join()
+
     @property
     def reference_outputs(self) -> list[dict[str, np.ndarray]]:
         if self._ref_outputs is None and self._prefetch is not None:

@@ -150,3 +150,36 @@ def test_api_compare_refuses_models_with_different_inputs(tmp_path):
     onnx.save(relu_chain(2), b)
     with pytest.raises(InputError, match=r"b\.onnx: needs input\(s\) \['t0'\]"):
         onnxslim_kit.compare(a, b)
+
+
+def test_api_failed_pass_waits_for_the_parity_reference_thread(tmp_path):
+    """The parity reference runs in a background thread while the passes run; when a pass fails at once,
+    optimize must wait for it: reference threads left running by failed calls abort the process at
+    interpreter exit ('terminate called without an active exception', seen with onnx's light models;
+    this script aborted with signal 6 before the fix)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from builders import FLOAT, init, make_model
+
+    r = rng(0)
+    inits = [init(f"w{i}", (r.standard_normal((1024, 1024)) * 0.03).astype(np.float32)) for i in range(6)]
+    nodes = [onnx.helper.make_node("MatMul", [f"t{i}", f"w{i}"], [f"t{i + 1}"], name=f"mm{i}") for i in range(6)]
+    onnx.save(make_model(nodes, [("t0", FLOAT, ["N", 1024])], [("t6", FLOAT, ["N", 1024])], inits),
+              tmp_path / "slow.onnx")
+    np.savez(tmp_path / "calib.npz", t0=r.standard_normal((32 * 256, 1024)).astype(np.float32))
+    script = (
+        "import onnxslim_kit\n"
+        "from onnxslim_kit.errors import OnnxSlimError\n"
+        "for _ in range(4):\n"
+        "    try:\n"
+        f"        onnxslim_kit.optimize({str(tmp_path / 'slow.onnx')!r}, passes=['cleanup', 'quantize-weights:bits=2'],\n"
+        f"                              calibration={str(tmp_path / 'calib.npz')!r}, batch_size=256)\n"
+        "    except OnnxSlimError as exc:\n"
+        "        print('refused:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "refused: quantize-weights: bits=2 needs opset >= 25" in done.stdout
+    assert "terminate called" not in done.stderr
