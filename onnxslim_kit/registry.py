@@ -21,7 +21,7 @@ from .errors import InputError
 _REGISTRY: dict[str, type] = {}
 
 # Modules under passes/ that register built-in passes when imported.
-BUILTIN_PASS_MODULES = ("passes.cleanup", "passes.simplify", "passes.quantize", "passes.quant_aids",
+BUILTIN_PASS_MODULES = ("passes.cleanup", "passes.simplify", "passes.quantize", "passes.equalize",
                         "passes.lowrank", "passes.prune")
 
 
