@@ -788,21 +788,6 @@ def _fed_by(model: Model, tensor: gs.Tensor, compute: set[str], depth: int = 8) 
     return False
 
 
-def _scalar_operand(model: Model, node: gs.Node) -> tuple[int, float] | None:
-    """(index, value) of the one scalar float constant input of a binary node whose other input is an
-    activation; None otherwise."""
-    if len(node.inputs) != 2:
-        return None
-    values = [model.constant_value(t) for t in node.inputs]
-    if (values[0] is None) == (values[1] is None):
-        return None
-    i = 0 if values[0] is not None else 1
-    v = np.asarray(values[i])
-    if v.size != 1 or v.dtype != np.float32 or not np.isfinite(v).all() or float(v.reshape(-1)[0]) == 0.0:
-        return None
-    return i, float(v.reshape(-1)[0])
-
-
 def _constant_operand(model: Model, node: gs.Node) -> tuple[int, np.ndarray] | None:
     """(index, value) of the one finite float32 constant input of a binary node whose other input is an
     activation (a scalar, or e.g. a MatMul's bias vector); None otherwise."""
@@ -816,6 +801,14 @@ def _constant_operand(model: Model, node: gs.Node) -> tuple[int, np.ndarray] | N
     if v.dtype != np.float32 or not v.size or not np.isfinite(v).all():
         return None
     return i, v
+
+
+def _scalar_operand(model: Model, node: gs.Node) -> tuple[int, float] | None:
+    """(index, value) of a non-zero scalar :func:`_constant_operand`; None otherwise."""
+    operand = _constant_operand(model, node)
+    if operand is None or operand[1].size != 1 or float(operand[1].reshape(-1)[0]) == 0.0:
+        return None
+    return operand[0], float(operand[1].reshape(-1)[0])
 
 
 def _rescale(model: Model, node: gs.Node) -> tuple[gs.Tensor, float] | None:
@@ -1173,15 +1166,13 @@ class QuantizeInt8(Pass):
             if not node.name:
                 node.name = model.unique_name(node.op.lower())
         stats_extra, undo = self._accuracy_aids(model, ctx, per_channel, skipped)
-        decomposed = self._decompose(model, skipped)
-        if decomposed:
-            stats_extra["activations_decomposed"] = decomposed
-        aligned = self._align_channels(model, skipped)
-        if aligned:
-            stats_extra["channels_added"] = aligned
-        flattened = self._nhwc_flatten(model) if self.activation_type != "int16" else 0
-        if flattened:
-            stats_extra["flatten_to_nhwc"] = flattened
+        # Layout rewrites for the compute nodes this pass quantizes (the same function each time; they
+        # change no compute node's name or weight type, so one selection serves all three).
+        chosen = {n.name for n in self._select(model, [])}
+        counts = {"activations_decomposed": self._decompose(model, chosen, skipped),
+                  "channels_added": self._align_channels(model, chosen, skipped),
+                  "flatten_to_nhwc": self._nhwc_flatten(model, chosen) if self.activation_type != "int16" else 0}
+        stats_extra.update({key: n for key, n in counts.items() if n})
         plan = self._plan(model, ctx, skipped)
         if plan is None:  # the aids may still have rewritten weights (exactly): say so
             aided = any(stats_extra.get(k) for k in ("pairs_equalized", "matmuls_smoothed", "biases_corrected"))
@@ -1461,7 +1452,7 @@ class QuantizeInt8(Pass):
         return out
 
     # -- float activations onnxruntime has no integer kernel for ---------------------------------
-    def _decompose(self, model: Model, skipped: list) -> int:
+    def _decompose(self, model: Model, chosen: set[str], skipped: list) -> int:
         """HardSwish(x) -> Mul(Mul(x, Clip(Add(x, 3), 0, 6)), 1/6) and HardSigmoid(x) ->
         Mul(Clip(Add(x, beta/alpha), 0, 1/alpha), alpha), where x comes from a node this pass quantizes.
 
@@ -1472,7 +1463,6 @@ class QuantizeInt8(Pass):
         ~4 kernel launches each; fp32 fuses them into the Conv). uint8 activations only."""
         if self.activation_type != "uint8" or self.int16_nodes:
             return 0
-        producers_ok = {n.name for n in self._select(model, [])}
         count = 0
         for node in list(model.nodes):
             if node.op not in _DECOMPOSED or (node.domain or "") not in ("", "ai.onnx"):
@@ -1481,7 +1471,7 @@ class QuantizeInt8(Pass):
                 skipped.append((node.name, f"{node.op} kept in float (excluded by option)"))
                 continue
             x, y = node.inputs[0], node.outputs[0]
-            if not _fed_by(model, x, producers_ok):
+            if not _fed_by(model, x, chosen):
                 continue  # its input stays float: nothing to gain
             if node.op == "HardSwish":
                 alpha, beta, times_x = 1.0 / 6.0, 0.5, True
@@ -1523,7 +1513,7 @@ class QuantizeInt8(Pass):
             model.toposort()
         return count
 
-    def _align_channels(self, model: Model, skipped: list) -> int:
+    def _align_channels(self, model: Model, chosen: set[str], skipped: list) -> int:
         """Zero channels appended (channel_groups.pad_groups: the same function) where onnxruntime's x86
         int8 convolution kernels (MLAS ConvSym) need a channel count they otherwise fall back from:
         - the channel group of a quantized depthwise Conv, up to a multiple of 16 (tools/bench_depthwise.py:
@@ -1539,10 +1529,9 @@ class QuantizeInt8(Pass):
             on = platform.machine().lower() in ("x86_64", "amd64")
         if not on or self.activation_type == "int16" or self.int16_nodes or self.target_cosine is not None:
             return 0  # target_cosine: the fallback may keep padded layers in float (slower, for nothing)
-        selected = {n.name for n in self._select(model, [])}
-        depthwise = [n for n in model.nodes if n.name in selected and is_depthwise(model, n)
+        depthwise = [n for n in model.nodes if n.name in chosen and is_depthwise(model, n)
                      and int(n.attrs.get("group", 1)) % 16]
-        narrow = [n for n in model.nodes if n.name in selected and n.op == "Conv"
+        narrow = [n for n in model.nodes if n.name in chosen and n.op == "Conv"
                   and int(n.attrs.get("group", 1)) == 1 and model.constant_value(n.inputs[1]).shape[0] < 16]
         if not depthwise and not narrow:
             return 0
@@ -1563,7 +1552,7 @@ class QuantizeInt8(Pass):
             group = owner.get(id(node))
             if group is None or group.gid in pads:
                 continue
-            if group.reasons or not all(p.name in selected for p in group.producers):
+            if group.reasons or not all(p.name in chosen for p in group.producers):
                 continue  # left as it is: only an alignment, nothing to report as skipped
             pads[group.gid] = 16 - group.channels if group.channels < 16 else 0
         pads = {g: n for g, n in pads.items() if n}
@@ -1573,7 +1562,7 @@ class QuantizeInt8(Pass):
         model.toposort()
         return int(sum(pads.values()))
 
-    def _nhwc_flatten(self, model: Model) -> int:
+    def _nhwc_flatten(self, model: Model, chosen: set[str]) -> int:
         """Flatten(axis=1) of an NCHW activation this pass quantizes -> Transpose(to NHWC) -> Flatten, with
         the rows of the Gemm/MatMul weights that read it permuted to match (the same function).
 
@@ -1582,14 +1571,13 @@ class QuantizeInt8(Pass):
         head (measured: resnet_tiny 2 -> 1 Transpose in onnxruntime's optimized graph). A 1x1 spatial
         input (after GlobalAveragePool) needs no weight change; otherwise every reader must be a
         MatMul / Gemm(transA=0) whose constant weight nobody else reads."""
-        producers_ok = {n.name for n in self._select(model, [])}
         infos = None
         count = 0
         for node in list(model.nodes):
             if node.op != "Flatten" or int(node.attrs.get("axis", 1)) != 1 or node.name in self.exclude:
                 continue
             x = node.inputs[0]
-            if not _fed_by(model, x, producers_ok):
+            if not _fed_by(model, x, chosen):
                 continue
             infos = infos if infos is not None else model.value_infos()
             dims = input_dims(infos[x.name]) if x.name in infos else []

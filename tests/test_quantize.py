@@ -665,7 +665,7 @@ def test_quantize_int8_decomposition_is_the_same_function_in_float():
     model = Model.from_proto(src)
     p = QuantizeInt8()
     skipped = []
-    assert p._decompose(model, skipped) == 2 and not skipped
+    assert p._decompose(model, {n.name for n in p._select(model, [])}, skipped) == 2 and not skipped
     ops = [n.op for n in model.nodes]
     assert "HardSwish" not in ops and "HardSigmoid" not in ops and ops.count("Clip") == 2
     rewritten = model.to_proto()
@@ -726,7 +726,8 @@ def test_quantize_int8_nhwc_flatten_rewrite_alone_is_exact():
 
     src = _conv_flatten_gemm(trans_b=1)
     model = Model.from_proto(src)
-    assert QuantizeInt8()._nhwc_flatten(model) == 1
+    p = QuantizeInt8()
+    assert p._nhwc_flatten(model, {n.name for n in p._select(model, [])}) == 1
     rewritten = model.to_proto()
     onnx.checker.check_model(rewritten, full_check=True)
     x = {"x": rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)}
