@@ -378,18 +378,28 @@ def _train_digits(arch: str, epochs: int = 25):
     return model, x_train, x_test, y_test
 
 
-def build_digits_cnn() -> dict:
+def _save_digits(model, name: str, x_train, x_test, y_test, *, outputs=("logits",), calib: int = 32):
+    """Export a trained digits model as models/<name>.onnx (dynamic batch; the first output is the class
+    scores), check it in onnxruntime, and write <name>.calib.npz (the first ``calib`` training images) and
+    <name>.eval.npz (held-out images and labels). Returns (path, torch accuracy, onnxruntime accuracy)."""
     torch = _torch()
-    model, x_train, x_test, y_test = _train_digits("DigitsCNN")
     with torch.no_grad():
-        acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-    path = MODELS / "digits_cnn.onnx"
-    _export(model, (torch.from_numpy(x_test[:1]),), path, ["image"], ["logits"],
-            {"image": {0: "batch"}, "logits": {0: "batch"}})
+        scores = model(torch.from_numpy(x_test))
+        scores = scores[0] if isinstance(scores, (tuple, list)) else scores
+        acc = float((scores.argmax(1).numpy() == y_test).mean())
+    path = MODELS / f"{name}.onnx"
+    _export(model, (torch.from_numpy(x_test[:1]),), path, ["image"], list(outputs),
+            {n: {0: "batch"} for n in ("image", *outputs)})
     logits = _check_ort(path, {"image": x_test})[0]
     onnx_acc = float((logits.argmax(1) == y_test).mean())
-    np.savez(MODELS / "digits_cnn.calib.npz", image=x_train[:32])
-    np.savez(MODELS / "digits_cnn.eval.npz", image=x_test, labels=y_test)
+    np.savez(MODELS / f"{name}.calib.npz", image=x_train[:calib])
+    np.savez(MODELS / f"{name}.eval.npz", image=x_test, labels=y_test)
+    return path, acc, onnx_acc
+
+
+def build_digits_cnn() -> dict:
+    model, x_train, x_test, y_test = _train_digits("DigitsCNN")
+    path, acc, onnx_acc = _save_digits(model, "digits_cnn", x_train, x_test, y_test)
     return {"file": path.name, "arch": "3-conv CNN + BN + 2 FC, trained on sklearn digits", "exporter": "torch.onnx (TorchScript)",
             "inputs": "image [batch,1,8,8] float32", "params": sum(p.numel() for p in model.parameters()),
             "accuracy": round(onnx_acc, 4), "torch_accuracy": round(acc, 4)}
@@ -398,17 +408,9 @@ def build_digits_cnn() -> dict:
 def build_digits_cnn_wide() -> dict:
     """The low-rank benchmark's CNN: a large classifier head (1024x384) worth factoring; same data split
     as digits_cnn, so it shares digits_cnn.eval.npz (copied under its own name for the tools)."""
-    torch = _torch()
     model, x_train, x_test, y_test = _train_digits("DigitsCNNWide")
-    with torch.no_grad():
-        acc = float((model(torch.from_numpy(x_test))[0].argmax(1).numpy() == y_test).mean())
-    path = MODELS / "digits_cnn_wide.onnx"
-    _export(model, (torch.from_numpy(x_test[:1]),), path, ["image"], ["logits", "embedding"],
-            {"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}})
-    logits = _check_ort(path, {"image": x_test})[0]
-    onnx_acc = float((logits.argmax(1) == y_test).mean())
-    np.savez(MODELS / "digits_cnn_wide.calib.npz", image=x_train[:64])
-    np.savez(MODELS / "digits_cnn_wide.eval.npz", image=x_test, labels=y_test)
+    path, acc, onnx_acc = _save_digits(model, "digits_cnn_wide", x_train, x_test, y_test,
+                                       outputs=("logits", "embedding"), calib=64)
     return {"file": path.name, "arch": "digits CNN, 32/64/64 convs + BN, large head: FC 1024x384 + FC 384x10; outputs logits and the 384-d embedding",
             "exporter": "torch.onnx (TorchScript)", "inputs": "image [batch,1,8,8] float32",
             "params": sum(p.numel() for p in model.parameters()), "accuracy": round(onnx_acc, 4),
@@ -447,15 +449,7 @@ def build_mobilenetv2_digits() -> dict:
             opt.step()
         sched.step()
     model.eval()
-    with torch.no_grad():
-        acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-    path = MODELS / "mobilenetv2_digits.onnx"
-    _export(model, (torch.from_numpy(x_test[:1]),), path, ["image"], ["logits"],
-            {"image": {0: "batch"}, "logits": {0: "batch"}})
-    logits = _check_ort(path, {"image": x_test})[0]
-    onnx_acc = float((logits.argmax(1) == y_test).mean())
-    np.savez(MODELS / "mobilenetv2_digits.calib.npz", image=x_train[:32])
-    np.savez(MODELS / "mobilenetv2_digits.eval.npz", image=x_test, labels=y_test)
+    path, acc, onnx_acc = _save_digits(model, "mobilenetv2_digits", x_train, x_test, y_test)
     return {"file": path.name, "arch": "MobileNetV2-style (inverted residuals, depthwise, ReLU), trained on "
                                       "sklearn digits upsampled to 16x16", "exporter": "torch.onnx (TorchScript)",
             "inputs": "image [batch,1,16,16] float32", "params": sum(p.numel() for p in model.parameters()),
