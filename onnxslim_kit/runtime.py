@@ -159,6 +159,17 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool =
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_feeds(model: onnx.ModelProto | str | os.PathLike, feeds, *, optimize: bool = True,
+              threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    """``{output: array}`` for every feed, from one session that is released afterwards."""
+    session = make_session(model, optimize=optimize, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        return [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    finally:
+        del session
+
+
 ORT_TYPE_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,

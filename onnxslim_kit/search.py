@@ -61,7 +61,7 @@ from .ir import Model
 from .metrics import model_stats
 from .pass_base import PassContext
 from .pipeline import Pipeline, build_pass, parse_spec
-from .runtime import make_session, time_sessions
+from .runtime import run_feeds, time_sessions
 from .usermetric import Metric, load_labels, parse_metric, sample_counts, split_labels, top1_discordant
 
 logger = logging.getLogger(__name__)
@@ -255,12 +255,7 @@ def _subset(data: CalibrationData, feeds: list[dict[str, np.ndarray]], label: st
 
 def _run(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *, optimize: bool = True
          ) -> list[dict[str, np.ndarray]]:
-    session = make_session(proto, optimize=optimize, threads=1)
-    names = [o.name for o in session.get_outputs()]
-    try:
-        return [dict(zip(names, session.run(names, feed))) for feed in feeds]
-    finally:
-        del session
+    return run_feeds(proto, feeds, optimize=optimize, threads=1)
 
 
 def _quant_bits(technique: str) -> int | None:
@@ -403,8 +398,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     order = ver_pos + fit_pos if cross else ver_pos
     s_labels = split_labels(s_labels, s_counts, order)
     s_feeds = other_feeds + fit_feeds if cross else other_feeds
-    ref_s = _run(original, s_feeds, optimize=False)
-    ref_h = _run(original, h_feeds, optimize=False) if h_feeds else None
+    ref_all = _run(original, s_feeds + h_feeds, optimize=False)  # one reference session for both shares
+    ref_s, ref_h = ref_all[:len(s_feeds)], (ref_all[len(s_feeds):] if h_feeds else None)
     base_s = scorer.baseline(ref_s, s_labels)
     orig_stats = model_stats(original, shapes or None)
     original_sizes = {"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes}

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_static_int8 import eval_set  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.metrics import model_stats  # noqa: E402
-from onnxslim_kit.runtime import make_session, time_sessions  # noqa: E402
+from onnxslim_kit.runtime import run_feeds, time_sessions  # noqa: E402
 from onnxslim_kit.search import search  # noqa: E402
 from onnxslim_kit.usermetric import parse_metric  # noqa: E402
 
@@ -71,12 +71,7 @@ def split_data(name: str, seed: int = 0):
 
 
 def run(proto, feeds, optimize=True):
-    sess = make_session(proto, optimize=optimize, threads=2)
-    names = [o.name for o in sess.get_outputs()]
-    try:
-        return [dict(zip(names, sess.run(names, f))) for f in feeds]
-    finally:
-        del sess
+    return run_feeds(proto, feeds, optimize=optimize, threads=2)
 
 
 def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, confidence: float = 0.95
