@@ -179,7 +179,19 @@ class AnalysisReport:
     def ranked(self) -> list[Evaluation]:
         return sorted(self.evaluations, key=lambda e: e.sort_key())
 
-    def to_dict(self) -> dict:
+    RUN_FIELDS = ("seconds", "workers", "executor", "computed", "reused", "cache")  # how/when it ran
+
+    def to_dict(self, *, run_details: bool = True) -> dict:
+        """The JSON of ``--json``. ``run_details=False`` leaves out what depends on how and when the
+        analysis ran (timings, workers, executor, cache use), so two runs can be compared for equality."""
+        if not run_details:
+            d = self.to_dict()
+            for key in self.RUN_FIELDS:
+                d.pop(key)
+            for e in d["evaluations"]:
+                e.pop("seconds")
+                e.pop("cached")
+            return d
         return {
             "source": self.source, "techniques": self.techniques, "layers": self.layers,
             "baseline": self.baseline, "original": self.original,

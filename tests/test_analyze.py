@@ -41,13 +41,7 @@ def _mlp(outlier: bool = True) -> onnx.ModelProto:
 
 
 def _rows(report):
-    out = []
-    for e in report.evaluations:
-        d = e.to_dict()
-        d.pop("seconds")
-        d.pop("cached")
-        out.append(d)
-    return out
+    return report.to_dict(run_details=False)["evaluations"]
 
 
 def _by(report, technique, layer):

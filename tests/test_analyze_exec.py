@@ -29,13 +29,7 @@ def _model():
 
 def _json(report) -> dict:
     """The report's JSON minus timing fields and how it was run."""
-    d = report.to_dict()
-    for key in ("seconds", "workers", "executor", "computed", "reused", "cache"):
-        d.pop(key)
-    for e in d["evaluations"]:
-        e.pop("seconds")
-        e.pop("cached")
-    return d
+    return report.to_dict(run_details=False)
 
 
 def _analyze(**kwargs):

@@ -32,13 +32,7 @@ MODELS = ("resnet_tiny", "mobilenetv2_tiny", "digits_cnn")
 
 
 def _rows(report) -> list[dict]:
-    rows = []
-    for e in report.evaluations:
-        d = e.to_dict()
-        d.pop("seconds")
-        d.pop("cached")
-        rows.append(d)
-    return rows
+    return report.to_dict(run_details=False)["evaluations"]
 
 
 def _load() -> float:
