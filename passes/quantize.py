@@ -1550,10 +1550,15 @@ class QuantizeInt8(Pass):
         owner = {id(p): g for g in an.groups.values() for p in g.producers}
         for node in narrow:
             group = owner.get(id(node))
-            if group is None or group.gid in pads:
+            if group is not None and group.gid in pads:
                 continue
-            if group.reasons or not all(p.name in chosen for p in group.producers):
-                continue  # left as it is: only an alignment, nothing to report as skipped
+            why = ("channels not traced" if group is None else "; ".join(group.reasons) if group.reasons else
+                   "a Conv sharing its channels stays in float" if not all(p.name in chosen for p in group.producers)
+                   else "")
+            if why:
+                skipped.append((node.name, f"{int(model.constant_value(node.inputs[1]).shape[0])} channels not "
+                                           f"widened to 16 ({why})"))
+                continue
             pads[group.gid] = 16 - group.channels if group.channels < 16 else 0
         pads = {g: n for g, n in pads.items() if n}
         if not pads:

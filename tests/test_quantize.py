@@ -809,6 +809,14 @@ def test_quantize_int8_align_channels_leaves_groups_it_cannot_resize():
     assert "channels_added" not in report.passes[0].stats and report.parity.ok
     assert any(c == "dw" and r.startswith("depthwise channels not aligned to 16 (")
                for c, r in report.passes[0].skipped)
+    # a narrow dense Conv whose output is the graph output: left at 8 channels, with the reason
+    nodes = [helper.make_node("Conv", ["x", "narrow.w"], ["y"], name="narrow")]
+    src = make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, ["N", 8, 8, 8])],
+                     [init("narrow.w", (r.standard_normal((8, 3, 1, 1)) * 0.4).astype(np.float32))])
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-int8:align_channels=true"])
+    assert "channels_added" not in report.passes[0].stats and report.parity.ok
+    assert any(c == "narrow" and r.startswith("8 channels not widened to 16 (") and "graph output" in r
+               for c, r in report.passes[0].skipped)
 
 
 @pytest.mark.parametrize("act, kernel", [("LeakyRelu", "QLinearLeakyRelu"), ("Sigmoid", "QLinearSigmoid")])
