@@ -189,14 +189,18 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @click.option("--cache", type=click.Path(), default=None,
               help="With --target: JSON-lines cache of the per-layer analysis (see analyze --cache).")
 @click.option("--confidence", type=float, default=0.95, show_default=True,
-              help="With --target and --metric top1: the verified drop plus z(confidence) * sqrt(samples whose "
-                   "correctness changed) / samples must be within the target (guards against passing on the "
-                   "search samples by luck); 0 checks the drop alone.")
+              help="With --target and --metric top1: the verified drop plus z(confidence) * sqrt(2 * (samples "
+                   "whose correctness changed + 1)) / samples must be within the target, so that the plan also "
+                   "meets it on fresh data of the same size; 0 checks the drop alone.")
+@click.option("--objective", type=click.Choice(["balanced", "size"]), default="balanced", show_default=True,
+              help="With --target accuracy_drop: balanced = save MACs and bytes, and leave out a technique that, "
+                   "applied to all its candidate layers, makes this model slower here (timed before the "
+                   "search, batch 1); size = save bytes and MACs whatever the latency (nothing timed).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,
              seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, executor, holdout,
-             max_verifications, save_recipe, cache, confidence, quiet):
+             max_verifications, save_recipe, cache, confidence, objective, quiet):
     """Optimize MODEL and write it to OUTPUT if it passes the parity gate.
 
     With a target (accuracy_drop, size or latency), a per-layer plan is searched instead and written
@@ -209,7 +213,8 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
     if target is None:
         given = [name for name, value in (("--metric", metric), ("--labels", labels), ("-t/--technique", techniques),
                                           ("--holdout", holdout), ("--save-recipe", save_recipe),
-                                          ("--cache", cache), ("--executor", executor != "local")) if value]
+                                          ("--cache", cache), ("--executor", executor != "local"),
+                                          ("--objective", objective != "balanced")) if value]
         if given:
             raise InputError(f"{', '.join(given)}: only with --target")
     else:
@@ -220,7 +225,7 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
                         num_samples=samples, batch_size=batch_size, progress=_progress_factory(quiet),
                         overwrite=overwrite, metric=metric, labels=labels, techniques=list(techniques) or None,
                         workers=workers, executor=executor, holdout=holdout, max_verifications=max_verifications,
-                        save_recipe=save_recipe, cache=cache, confidence=confidence)
+                        save_recipe=save_recipe, cache=cache, confidence=confidence, objective=objective)
         if report_path:
             with open(report_path, "w", encoding="utf-8") as fh:
                 json.dump(_json_safe(result.to_dict()), fh, indent=2)

@@ -239,6 +239,12 @@ def render_search(result) -> str:
     lines = [f"search: target {result.target.describe()}, metric {result.metric}; {result.candidates} candidate(s) "
              f"from {len(result.analysis.evaluations) if result.analysis else 0} evaluation(s); "
              f"{result.verifications} end-to-end verification(s); {result.seconds:.1f}s", ""]
+    for t, ratio in getattr(result, "probe", {}).items():
+        lines.append(f"latency probe: {t}, every candidate layer at once: "
+                     + (f"{ratio:.3f}x the original" if ratio is not None else "does not build uniformly, not timed")
+                     + (" -> not used (slower)" if t in result.excluded else ""))
+    if getattr(result, "probe", None):
+        lines.append("")
     lines.append(table(["layer", "op", "technique", "predicted drop", "damage", "MACs saved", "bytes saved"], rows)
                  if rows else "(empty plan: cleanup only)")
     lines.append("")

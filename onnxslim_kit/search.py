@@ -33,8 +33,14 @@ How (:func:`search`):
    verified / predicted, fit in the slack are added and verified (a failure halves the batch, then skips
    the candidate), within the same ``max_verifications``: per-layer drops do not add up (int8 layers share
    the error of quantizing a common input), so the additive prediction is often pessimistic.
-   With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``); a
-   metric that improves on the search data is counted as no drop (the gain is not credited).
+   With ``top1`` the verified drop must hold with a margin for sampling noise (``confidence``,
+   :func:`top1_margin`: a prediction bound for fresh data of the same size); a metric that improves
+   on the search data is counted as no drop (the gain is not credited).
+   Objective ``balanced`` (default): before the greedy, each technique is applied to all its candidate
+   layers of one op type at once and timed against the original (:func:`latency_rounds`, batch 1,
+   interleaved rounds); a technique slower than the original in each of ``PROBE_ROUNDS`` rounds is not
+   used on that op type (``SearchResult.excluded``), so the plan is smaller and faster; objective
+   ``size`` skips that. The result's latency ratio is always measured.
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met; then the worst trades (predicted drop per share saved) are
    reverted one at a time while the target still holds.
@@ -72,6 +78,13 @@ FAMILY = {"prune-channels": "prune", "prune-weights": "prune", "svd": "lowrank",
           "quantize-weights": "quantize", "quantize-dynamic": "quantize", "fp16": "quantize"}
 FAMILY_ORDER = ("prune", "lowrank", "quantize", "other")
 SINGLE_REVERTS = 3
+# What an accuracy_drop search minimises besides the drop. balanced: MACs + bytes, and a technique that
+# makes the model slower on this machine (its uniform application, timed before the greedy) is not used;
+# size: bytes (and MACs) only, nothing timed.
+OBJECTIVES = ("balanced", "size")
+# Rounds of the latency probe: a technique is left out when it is slower in every round (sign test,
+# p = 1/32 when it makes no difference), not on one noisy median.
+PROBE_ROUNDS = 5
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -137,7 +150,7 @@ class Step:
     size_ratio: float
     latency_ratio: float | None
     met: bool
-    margin: float = 0.0        # top1: z * sqrt(discordant samples) / samples, added to the drop
+    margin: float = 0.0        # top1: top1_margin(), added to the drop
 
     def to_dict(self) -> dict:
         return {"entries": self.entries, "action": self.action, "search_score": _jf(self.search_score),
@@ -171,8 +184,11 @@ class SearchResult:
     holdout_samples: int
     original: dict[str, int]               # params, macs, bytes
     result: dict[str, int]
-    latency_ratio: float | None            # measured (latency targets) or None
+    latency_ratio: float | None            # the result / the original, measured (batch 1 where dynamic)
     candidates: int
+    probe: dict[str, float | None] = field(default_factory=dict)   # "technique on Op" -> latency ratio
+    excluded: dict[str, str] = field(default_factory=dict)         # "technique on Op" -> why not used
+    objective: str = "balanced"
     analysis: Any = None                   # the AnalysisReport the plan came from
     fit_feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # what the passes saw
     fit_samples: int = 0
@@ -241,7 +257,9 @@ class SearchResult:
                 "search_samples": self.search_samples, "fit_samples": self.fit_samples, "holdout_samples": self.holdout_samples,
                 "original": self.original, "result": self.result, "size_ratio": self.size_ratio,
                 "macs_ratio": self.macs_ratio, "latency_ratio": self.latency_ratio,
-                "candidates": self.candidates, "seconds": round(self.seconds, 3)}
+                "candidates": self.candidates, "objective": self.objective,
+                "latency_probe": {k: _jf(v) for k, v in self.probe.items()}, "excluded": self.excluded,
+                "seconds": round(self.seconds, 3)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +276,47 @@ def _run(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *, optimize
     return run_feeds(proto, feeds, optimize=optimize, threads=1)
 
 
+def top1_margin(z: float, discordant: int, count: int) -> float:
+    """What a top1 drop measured on ``count`` samples (``discordant`` of them changed correctness) must
+    stay below the target by, so that the drop on a fresh sample of the same size stays within it with
+    probability z: a prediction bound, not a confidence bound on the mean. The paired drop's variance per
+    sample is about the discordant rate, counted with one pseudo-sample (zero discordant samples out of
+    270 do not prove a rate of zero); the fresh sample's own noise doubles it."""
+    return z * math.sqrt(2.0 * (discordant + 1)) / max(1, count)
+
+
+def _latency_feed(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` cut to one sample on every input whose batch dim is not fixed: latency is compared at
+    batch 1 (where int8 and small layers gain least), not at the calibration batch."""
+    out = dict(feed)
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in out and dims and not dims[0].HasField("dim_value") and np.ndim(out[inp.name]) >= 1:
+            out[inp.name] = out[inp.name][:1]
+    return out
+
+
+def latency_rounds(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feed: dict[str, np.ndarray],
+                   *, threads: int = 2, rounds: int = 5, budget_s: float = 0.03) -> list[list[float]]:
+    """Per candidate, its latency / the original's in each of ``rounds`` rounds on ``feed`` (batch 1
+    where the batch is dynamic): sessions interleaved, one alive at a time, each round's ratio taken
+    against that round's original (median of the round's runs), so that a burst of load hits both
+    sides of a ratio. Runs per round are sized so that each session is timed for about ``budget_s``
+    (10 to 200 runs)."""
+    feed = _latency_feed(original, feed)
+    probe = time_sessions([original], feed, threads=threads, runs=5, warmup=2, rounds=1)[0]
+    runs = int(min(200, max(10, budget_s / max(statistics.median(probe), 1e-6))))
+    times = time_sessions([original, *candidates], feed, threads=threads, runs=runs, warmup=3, rounds=rounds)
+    per_round = [[statistics.median(t[r * runs:(r + 1) * runs]) for r in range(rounds)] for t in times]
+    return [[c / o for c, o in zip(cand, per_round[0])] for cand in per_round[1:]]
+
+
+def latency_ratios(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feed: dict[str, np.ndarray],
+                   *, threads: int = 2, rounds: int = 5) -> list[float]:
+    """The median over rounds of :func:`latency_rounds`: each candidate's latency / the original's."""
+    return [statistics.median(r) for r in latency_rounds(original, candidates, feed, threads=threads, rounds=rounds)]
+
+
 def _quant_bits(technique: str) -> int | None:
     """Bits per weight a quantization technique stores (None: not a quantization technique)."""
     name, options = parse_spec(technique)
@@ -271,6 +330,11 @@ def _quant_bits(technique: str) -> int | None:
         except ValueError:
             return 4
     return None
+
+
+def _group(entry: PlanEntry) -> str:
+    """The latency probe's unit: one technique on every candidate layer of one op type."""
+    return f"{entry.technique} on {entry.op}"
 
 
 def _family(technique: str) -> str:
@@ -330,15 +394,16 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
            input_shapes: Any = None,
            num_samples: int = 8, batch_size: int | None = None, max_verifications: int = 8,
            cache: str | os.PathLike | None = None, latency_threads: int = 2, confidence: float = 0.95,
-           progress: Progress | None = None) -> SearchResult:
+           objective: str = "balanced", progress: Progress | None = None) -> SearchResult:
     """Find a plan (technique per layer) that meets ``target`` and return it built and verified.
 
     ``metric``: ``top1|cosine|snr|module:function`` (default cosine; top1 when labels are given);
     ``labels``: one integer per calibration sample (.npy/.npz path or array). ``holdout``: share of the
     calibration feeds (seeded) kept out of the search and only scored at the end. ``max_verifications``:
     end-to-end builds the repair may use. ``confidence`` (top1 only): the verified drop plus
-    z(confidence) * sqrt(discordant samples) / samples must be within the target, so that a plan does not
-    pass on the search samples by luck (0.5 or less: the drop alone). See the module doc.
+    :func:`top1_margin` (z(confidence) * sqrt(2 * (discordant samples + 1)) / samples) must be within the
+    target, so that the plan also meets it on fresh data of the same size (0.5 or less: the drop alone). ``objective``: ``balanced``
+    (default) or ``size``, see :data:`OBJECTIVES`. See the module doc.
     """
     from .analyze import analyze
     from .api import _data, _load, _shapes
@@ -357,6 +422,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         raise InputError(f"--confidence {confidence}: expected a probability in [0, 1)")
     if max_verifications < 1:
         raise InputError("max_verifications must be at least 1")
+    if objective not in OBJECTIVES:
+        raise InputError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
     label, original, _ = _load(model)
     shapes = _shapes(input_shapes)
     data = _data(original, calibration, shapes, num_samples=num_samples, seed=seed, batch_size=batch_size)
@@ -439,22 +506,21 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     built: dict[tuple, tuple] = {}
     z = statistics.NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
 
+    def fitted(entries: list[PlanEntry], on: CalibrationData) -> tuple[Model, Pipeline]:
+        ctx = PassContext(calibration=on, calibration_is_random=data.is_random, input_shapes=shapes,
+                          seed=seed, reference=original)
+        return _run_plan(build_pipeline(entries, report.layers),
+                         Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()), source=label),
+                         ctx)
+
     def build(entries: list[PlanEntry], action: str) -> tuple:
         key = tuple(sorted((e.technique, e.layer) for e in entries))
         if key in built:
             return built[key]
         pipe = build_pipeline(entries, report.layers)
-
-        def fitted(on: CalibrationData) -> tuple[Model, Pipeline]:
-            ctx = PassContext(calibration=on, calibration_is_random=data.is_random, input_shapes=shapes,
-                              seed=seed, reference=original)
-            return _run_plan(build_pipeline(entries, report.layers),
-                             Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()),
-                                              source=label), ctx)
-
         try:
-            result, pipe = fitted(fit_data)
-            twin = fitted(other_data)[0].to_proto() if cross else None
+            result, pipe = fitted(entries, fit_data)
+            twin = fitted(entries, other_data)[0].to_proto() if cross else None
         except OnnxSlimError as exc:
             # A combination the passes refuse: recorded as a failed verification, then repaired like one.
             if not entries:
@@ -470,13 +536,9 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         margin = 0.0
         if scorer.spec == "top1" and z > 0:
             discordant, count = top1_discordant(outs, ref_s, s_labels)
-            margin = z * math.sqrt(discordant) / max(1, count)
+            margin = top1_margin(z, discordant, count)
         size = model_stats(proto, shapes or None).bytes / max(1, original_sizes["bytes"])
-        lat = None
-        if tgt.kind == "latency":
-            times = time_sessions([original, proto], s_feeds[0], threads=latency_threads, runs=20, warmup=3,
-                                  rounds=3)
-            lat = statistics.median(times[1]) / statistics.median(times[0])
+        lat = latency_ratios(original, [proto], s_feeds[0], threads=latency_threads)[0] if tgt.kind == "latency" else None
         drop = base_s - score
         met = {"accuracy_drop": max(drop, 0.0) + margin <= tgt.value + eps, "size": size <= tgt.value,
                "latency": lat is not None and lat <= tgt.value}[tgt.kind]
@@ -494,6 +556,35 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if tgt.kind == "size":
             return size <= tgt.value
         return lat is not None and lat <= tgt.value
+
+    # Latency probe (objective balanced): each technique applied to all its candidate layers of one op
+    # type at once, timed against the original. A technique that makes this model slower on this machine
+    # (int8 on a dispatch-bound model, MatMulNBits on small MatMuls, factored convolutions) is not used
+    # on that op type: the plan is to be smaller AND faster, and MACs / bytes saved do not say that.
+    probe: dict[str, float | None] = {}
+    excluded: dict[str, str] = {}
+    if objective == "balanced" and tgt.kind != "size":
+        groups: dict[str, list[PlanEntry]] = {}
+        for c in cands:
+            groups.setdefault(_group(c), []).append(c)
+        protos, names = [], []
+        for key, members in groups.items():
+            try:
+                protos.append(fitted(members, fit_data)[0].to_proto())
+                names.append(key)
+            except OnnxSlimError as exc:
+                probe[key] = None
+                logger.info("latency probe of %s: does not build on all its layers at once (%s); not timed",
+                            key, exc)
+        if protos:
+            for key, per_round in zip(names, latency_rounds(original, protos, s_feeds[0], threads=latency_threads,
+                                                            rounds=PROBE_ROUNDS)):
+                probe[key] = statistics.median(per_round)
+                if min(per_round) > 1.0:   # slower in every round: a sign test, p = 2**-PROBE_ROUNDS
+                    excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it was slower "
+                                     f"than the original in each of {PROBE_ROUNDS} interleaved rounds (median "
+                                     f"{probe[key]:.3f}x, {latency_threads} threads, batch 1)")
+        cands = [c for c in cands if _group(c) not in excluded]
 
     plan: list[PlanEntry] = []
     used: dict[str, set[str]] = {}
@@ -650,7 +741,34 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                        f"change(s)" + (" (every candidate applied)" if not left else
                                        f" ({left} candidate(s) left, verification budget spent)"))
 
+    measured_lat = None
+    if tgt.kind == "accuracy_drop" and objective == "balanced" and plan and is_met(current):
+        # Speed repair: a verified plan slower than the original in every round loses, one at a time, the
+        # probed groups that were slower than the original on their own (worst first), while it still
+        # meets the target and gets faster; each removal is a verification.
+        rounds = latency_rounds(original, [current[0]], s_feeds[0], threads=latency_threads, rounds=PROBE_ROUNDS)[0]
+        suspects = sorted({_group(e) for e in plan if (probe.get(_group(e)) or 0.0) > 1.0},
+                          key=lambda k: (-(probe[k] or 0.0), k))
+        while min(rounds) > 1.0 and suspects and len(steps) < max_verifications:
+            key = suspects.pop(0)
+            trial_plan = [e for e in plan if _group(e) != key]
+            trial = build(trial_plan, f"speed: without {key}")
+            if not is_met(trial):
+                continue
+            trial_rounds = latency_rounds(original, [trial[0]], s_feeds[0], threads=latency_threads,
+                                          rounds=PROBE_ROUNDS)[0]
+            if statistics.median(trial_rounds) < statistics.median(rounds):
+                plan, current, rounds = trial_plan, trial, trial_rounds
+                excluded[key] = (f"the verified plan ran slower than the original in every round; without it "
+                                 f"{statistics.median(trial_rounds):.3f}x (probe alone: {probe[key]:.3f}x)")
+        measured_lat = statistics.median(rounds)
+        message = (f"verified drop {base_s - current[2]:.6g}" + (f" + margin {current[5]:.4g}" if current[5] else "")
+                   + f" <= {tgt.value:g} with {len(plan)} change(s)")
+
     proto, pipe, score, size, lat, margin = current
+    if lat is None and proto is not None:
+        lat = measured_lat if measured_lat is not None else latency_ratios(original, [proto], s_feeds[0],
+                                                                             threads=latency_threads)[0]
     hold_base = hold_score = hold_drop = None
     if h_feeds:
         hold_base = scorer.baseline(ref_h, h_labels)
@@ -665,5 +783,5 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         holdout_samples=sum(counts[i] for i in hold_idx),
         original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
                 "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
-        latency_ratio=lat, candidates=len(cands), analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
+        latency_ratio=lat, candidates=len(cands), probe=probe, excluded=excluded, objective=objective, analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
         seconds=time.perf_counter() - start)

@@ -51,7 +51,8 @@ def _user_module(tmp_path, monkeypatch, body: str) -> str:
 
 def test_search_greedy_respects_target_on_search_data():
     proto, calib = _model(), _calib()
-    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.01", techniques=[QW, PRUNE, INT8])
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.01", techniques=[QW, PRUNE, INT8],
+                                 objective="size")
     assert result.met and result.plan and result.metric == "cosine"
     assert result.search_drop <= 0.01 and result.size_ratio < 1.0
     out = result.model
@@ -75,7 +76,8 @@ def test_search_uses_one_quantization_technique_when_both_are_cheap():
     proto = conv_bn_relu(channels=32)
     calib = {"x": rng(3).standard_normal((16, 3, 8, 8)).astype(np.float32)}
     qw8 = "quantize-weights:bits=8,block_size=16,min_elements=64"
-    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[qw8, INT8])
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[qw8, INT8],
+                                 objective="size")
     fc = next(e for e in result.analysis.evaluations if e.technique == qw8 and e.layer == "fc")
     assert fc.status == "ok"
     assert result.met and [(e.layer, e.technique) for e in result.plan] == [("conv", INT8), ("fc", INT8)]
@@ -93,7 +95,8 @@ def test_search_extends_plan_when_prediction_is_pessimistic():
     single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
     worst = max(e.damage for e in single.evaluations if e.status == "ok")
     target = 1.6 * worst
-    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8])
+    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8],
+                                 objective="size")
     assert result.steps[0].action == "greedy" and result.steps[0].entries == 1
     assert result.met and len(result.plan) == 4
     assert any(s.action.startswith("extend") and s.met and s.entries == 4 for s in result.steps)
@@ -121,7 +124,8 @@ def score(outputs, reference):
     cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     return 1.0 if cos >= {threshold!r} else 0.0
 """)
-    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score", techniques=[QW])
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score", techniques=[QW],
+                                 objective="size")
     assert [s.met for s in result.steps][0] is False and result.steps[0].entries == 4
     assert result.met and result.steps[-1].met and 2 <= result.verifications <= 8
     assert 0 < len(result.plan) < 4 and result.search_drop == 0.0
@@ -141,7 +145,7 @@ def test_search_recipe_round_trip_reproduces_identical_bytes(tmp_path):
     out, recipe = tmp_path / "searched.onnx", tmp_path / "plan.toml"
     res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(out), "--calib", str(tmp_path / "calib.npz"),
                                     "--target", "accuracy_drop=0.02", "-t", PRUNE, "-t", SVD, "-t", INT8,
-                                    "--holdout", "0.25", "--save-recipe", str(recipe), "--report",
+                                    "--holdout", "0.25", "--objective", "size", "--save-recipe", str(recipe), "--report",
                                     str(tmp_path / "search.json")])
     assert res.exit_code == 0, res.output
     assert "held-out data" in res.output and "replay:" in res.output
@@ -357,7 +361,8 @@ def test_search_digits_cnn_meets_target_on_held_out_labels(tmp_path):
     root = Path(__file__).resolve().parent.parent / "models"
     data = np.load(root / "digits_cnn.eval.npz")
     result = onnxslim_kit.search(root / "digits_cnn.onnx", {"image": data["image"]}, labels=data["labels"],
-                                 target="accuracy_drop=0.02", holdout=0.5, batch_size=30, workers=1)
+                                 target="accuracy_drop=0.02", holdout=0.5, batch_size=30, workers=1,
+                                 objective="size")
     assert result.met and result.plan and result.holdout_samples == 270
     assert result.holdout_drop <= 0.02 and result.size_ratio < 0.5
     onnx.checker.check_model(result.model, full_check=True)
@@ -366,3 +371,101 @@ def test_search_digits_cnn_meets_target_on_held_out_labels(tmp_path):
     ref = np.concatenate([run_model(onnx.load(root / "digits_cnn.onnx"), {"image": data["image"][i:i + 60]})[0]
                           .argmax(-1) for i in range(0, 540, 60)])
     assert np.mean(pred == data["labels"]) >= np.mean(ref == data["labels"]) - 0.02
+
+
+def _fake_latency(slow_op: str, calls: list, slow=(1.3, 1.3, 1.3, 1.3, 1.3)):
+    """A stand-in for the timing: every model holding a ``slow_op`` node runs ``slow`` x the original
+    per round, any other 0.9x (tests assert what the search does with measurements, never timings)."""
+    def fake(original, candidates, feed, *, threads=2, rounds=5, **_):
+        calls.append(len(candidates))
+        return [list(slow[:rounds]) if any(n.op_type == slow_op for n in c.graph.node) else [0.9] * rounds
+                for c in candidates]
+    return fake
+
+
+def test_search_balanced_leaves_out_technique_that_makes_model_slower(monkeypatch, tmp_path):
+    module = sys.modules["onnxslim_kit.search"]
+    calls: list = []
+    monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", calls))
+    proto, calib = _model(), _calib()
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[INT8, PRUNE])
+    # Each technique was probed on its candidate layers per op type, in one timing call; int8 measured
+    # slower and is out of the candidates and of the plan; pruning is in.
+    assert calls[0] == len(result.probe) >= 2
+    slow = {k for k in result.probe if k.startswith(INT8)}
+    assert slow and set(result.excluded) == slow and all(result.probe[k] == 1.3 for k in slow)
+    assert result.met and result.plan and all(e.technique == PRUNE for e in result.plan)
+    assert result.latency_ratio == 0.9   # the result's own latency is measured too
+    report = result.to_dict()
+    assert report["objective"] == "balanced" and set(report["excluded"]) == slow
+    from onnxslim_kit.report import render_search
+    assert "not used (slower)" in render_search(result)
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"]
+    assert _cosine(_outputs(proto, x), _outputs(result.model, x)) >= 0.9
+    # objective=size times nothing before the search and may use int8.
+    calls.clear()
+    sized = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[INT8, PRUNE],
+                                objective="size")
+    assert not sized.probe and not sized.excluded and calls == [1]
+    assert any(e.technique == INT8 for e in sized.plan)
+
+
+def test_search_balanced_keeps_technique_faster_in_one_round(monkeypatch):
+    """Slower in four rounds of five, faster in one: not shown slower (sign test), so int8 stays a
+    candidate and its median ratio is reported."""
+    module = sys.modules["onnxslim_kit.search"]
+    monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", [], (1.2, 1.3, 0.95, 1.1, 1.4)))
+    result = onnxslim_kit.search(_model(), _calib(), target="accuracy_drop=0.05", techniques=[INT8])
+    assert not result.excluded and result.probe and all(v == 1.2 for v in result.probe.values())
+    assert result.met and any(e.technique == INT8 for e in result.plan)
+
+
+def test_search_balanced_speed_repair_drops_group_when_plan_is_slower(monkeypatch):
+    """The probe keeps int8 (faster in one round of five); the verified plan with int8 is then slower than
+    the original in every round: the speed repair removes the int8 group, verifies, and keeps the faster,
+    still verified plan."""
+    module = sys.modules["onnxslim_kit.search"]
+    probe = _fake_latency("QuantizeLinear", [], (1.2, 1.3, 0.95, 1.1, 1.4))
+    later = _fake_latency("QuantizeLinear", [], (1.2, 1.2, 1.2, 1.2, 1.2))
+    calls: list = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        return (probe if len(calls) == 1 else later)(*args, **kwargs)
+
+    monkeypatch.setattr(module, "latency_rounds", fake)
+    proto, calib = _model(), _calib()
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[INT8, PRUNE])
+    assert any(s.action.startswith("speed: without quantize-int8") and s.met for s in result.steps)
+    assert result.met and result.plan and all(e.technique == PRUNE for e in result.plan)
+    assert any(k.startswith(INT8) and "slower than the original in every round" in v
+               for k, v in result.excluded.items())
+    assert result.latency_ratio == 0.9
+    onnx.checker.check_model(result.model, full_check=True)
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+
+
+def test_search_objective_bad_value_exits_2(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(_model(), model)
+    res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--target",
+                                    "accuracy_drop=0.01", "--objective", "fastest"])
+    assert res.exit_code == 2 and "fastest" in res.output
+    res = CliRunner().invoke(main, ["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--objective", "size"])
+    assert res.exit_code == 2 and "--objective: only with --target" in res.output
+    with pytest.raises(InputError, match="objective"):
+        onnxslim_kit.search(_model(), _calib(), target="accuracy_drop=0.01", objective="fastest")
+
+
+def test_search_top1_margin_is_a_prediction_bound_for_fresh_data():
+    from onnxslim_kit.search import top1_margin
+
+    z = 1.6448536269514722
+    # No discordant sample still leaves a margin (zero out of n does not prove a zero rate) ...
+    assert top1_margin(z, 0, 270) > 0.008
+    # ... and it grows with the discordant count and shrinks with the sample count.
+    assert top1_margin(z, 4, 270) > top1_margin(z, 1, 270) > top1_margin(z, 0, 270)
+    assert top1_margin(z, 1, 1000) < top1_margin(z, 1, 270)
+    # A fresh sample of the same size adds its own noise: wider than the confidence bound on the mean.
+    assert top1_margin(z, 3, 270) > z * math.sqrt(3) / 270 * math.sqrt(2)

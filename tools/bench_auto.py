@@ -3,7 +3,7 @@ uniformly, on the same data, in one run.
 
     python tools/bench_auto.py [--models digits_cnn mobilenetv2_digits bert_tiny] [--drop 0.01] [--runs 20]
 
-Per model, the data is split once (seeded): the search (and every calibrated uniform variant) sees the
+Per model, the data is split (seeded; `--splits N` repeats with seeds 0..N-1): the search (and every calibrated uniform variant) sees the
 search share only; every number in the table is measured on the held-out share, which nothing saw:
 
 - digits_cnn, mobilenetv2_digits: models/<name>.eval.npz (images + labels) split in halves; metric top1
@@ -74,18 +74,19 @@ def run(proto, feeds, optimize=True):
     return run_feeds(proto, feeds, optimize=optimize, threads=2)
 
 
-def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, confidence: float = 0.95
-                ) -> tuple[list[list[str]], list[str]]:
+def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, confidence: float = 0.95,
+                objective: str = "balanced", split: int = 0) -> tuple[list[list[str]], list[str], list[list[str]]]:
     src = str(ROOT / "models" / f"{name}.onnx")
     original = onnx.load(src)
-    cal, labels, held, held_labels, metric, batch = split_data(name)
+    cal, labels, held, held_labels, metric, batch = split_data(name, seed=split)
     scorer = parse_metric(metric)
     variants: dict[str, onnx.ModelProto] = {"original": original}
     results, search_s = {}, {}
     for label, techniques in SEARCHES.items():
         t0 = time.perf_counter()
         results[label] = search(src, cal, target=f"accuracy_drop={drop}", metric=metric, labels=labels,
-                                workers=workers, batch_size=batch, techniques=techniques, confidence=confidence)
+                                workers=workers, batch_size=batch, techniques=techniques, confidence=confidence,
+                                objective=objective)
         search_s[label] = time.perf_counter() - t0
         variants[label] = results[label].model
     build_s = {}
@@ -117,13 +118,17 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
                      f"{st.macs / orig_stats.macs:.3f}" if macs_known else "unknown",
                      f"{med[k] * 1e3:.3f}", f"{med[k] / med['original']:.3f}", f"{score:.4f}", f"{base - score:+.4f}",
                      "yes" if base - score <= drop + 1e-12 else "no"])
-    notes = []
+    notes, summary = [], []
     for label, result in results.items():
         notes.append(f"{name}: {label}: search {search_s[label]:.1f}s, {result.verifications} verification(s), "
                      f"{len(result.plan)} change(s) ({', '.join(sorted({e.technique for e in result.plan})) or 'none'}); "
                      f"search-data drop {result.search_drop:+.4f} ({result.search_samples} samples, cross-fitted halves; "
                      f"the returned model fitted on {result.fit_samples}), held-out drop {info[label]['drop']:+.4f} "
-                     f"({sum(len(next(iter(f.values()))) for f in held)} samples); metric {metric}")
+                     f"({sum(len(next(iter(f.values()))) for f in held)} samples); metric {metric}"
+                     + (f"; latency probe: " + ", ".join(f"{k} {v:.3f}x" if v is not None else f"{k} n/a"
+                                                       for k, v in result.probe.items())
+                        + (f"; not used (slower): {', '.join(result.excluded)}" if result.excluded else "")
+                        if result.probe else ""))
     ok = [k for k in names if k.startswith("uniform") and info[k]["drop"] <= drop + 1e-12]
     if not ok:
         notes.append(f"{name}: no uniform variant meets held-out drop <= {drop}")
@@ -149,7 +154,14 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
             verdict.append("does NOT meet the target on held-out data")
         notes.append(f"{name}: {label}: " + ("; ".join(verdict) if verdict else
                                              "smaller and faster than the best uniform variants, within the target"))
-    return rows, notes
+        summary.append([name, str(split), label, f"{plan['size'] / info['original']['size']:.3f}",
+                        f"{plan['lat'] / info['original']['lat']:.3f}", f"{plan['drop']:+.4f}",
+                        "yes" if plan["drop"] <= drop + 1e-12 else "no",
+                        f"{by_size} {info[by_size]['size'] / info['original']['size']:.3f}",
+                        f"{by_lat} {info[by_lat]['lat'] / info['original']['lat']:.3f}",
+                        "yes" if plan["size"] <= info[by_size]["size"] else "no",
+                        "yes" if plan["lat"] <= info[by_lat]["lat"] else "no"])
+    return rows, notes, summary
 
 
 def main(argv=None) -> int:
@@ -161,20 +173,36 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", default="auto_compression.md", help="file name under tools/results/")
     parser.add_argument("--confidence", type=float, default=0.95, help="search confidence (top1 margin)")
+    parser.add_argument("--objective", default="balanced", choices=["balanced", "size"], help="search objective")
+    parser.add_argument("--splits", type=int, default=1,
+                        help="repeat with this many seeded search / held-out splits (seeds 0..N-1); the full "
+                             "table is split 0's, the summary has every split")
     args = parser.parse_args(argv)
-    rows, notes = [], []
+    rows, notes, summary = [], [], []
     for name in args.models:
-        r, n = bench_model(name, args.drop, args.runs, args.rounds, args.workers, args.confidence)
-        rows += r
-        notes += n
-        print("\n".join(" | ".join(x) for x in r))
-        print("\n".join(n), flush=True)
+        for split in range(args.splits):
+            r, n, sm = bench_model(name, args.drop, args.runs, args.rounds, args.workers, args.confidence,
+                                   args.objective, split)
+            if split == 0:
+                rows += r
+            notes += [f"(split {split}) {x}" for x in n]
+            summary += sm
+            print("\n".join(" | ".join(x) for x in r))
+            print("\n".join(n), flush=True)
     header = ["model", "variant", "KiB", "size x", "MACs x", "median ms", "latency x", "held-out metric",
               "held-out drop", "meets target"]
     text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n"
+    sheader = ["model", "split", "search", "size x", "latency x", "held-out drop", "meets target",
+               "smallest uniform at the same accuracy (size x)", "fastest uniform at the same accuracy (latency x)",
+               "plan smaller", "plan faster"]
+    text += (f"Every split (seeded search / held-out halves; the uniform variants qualify on the held-out drop "
+             f"<= {args.drop}):\n\n| " + " | ".join(sheader) + " |\n|" + "---|" * len(sheader) + "\n"
+             + "\n".join("| " + " | ".join(r) + " |" for r in summary) + "\n\n")
+    text += "\n".join(f"- {n}" for n in notes) + "\n"
     out = ROOT / "tools" / "results" / args.out
-    out.write_text(f"# search (--target accuracy_drop={args.drop}, --confidence {args.confidence}) vs single "
+    out.write_text(f"# search (--target accuracy_drop={args.drop}, --confidence {args.confidence}, --objective "
+                   f"{args.objective}) vs single "
                    f"techniques applied uniformly\n\n"
                    f"Held-out data only (never seen by the search or the calibrated passes). Latency: 2 threads, "
                    f"batch 1, {args.rounds} interleaved rounds x {args.runs} runs; measured on a shared 2-core "
