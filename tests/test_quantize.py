@@ -263,9 +263,13 @@ def test_quantize_int8_cnn_becomes_integer_kernels(tmp_path, name, min_cos):
     # every quantized Conv runs as QLinearConv: no DQ -> float Conv left
     assert fused.count("QLinearConv") == convs and "Conv" not in fused
     # no float island anywhere (HardSwish, SE gates, Sigmoid heads, Flatten included): one Q per graph
-    # input, one DQ per graph output, and no Transpose back to NCHW before a Flatten
+    # input, one DQ per graph output except a Gemm head's (onnxruntime's QGemm writes float logits
+    # itself), and no Transpose back to NCHW before a Flatten
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    heads = sum(1 for o in proto.graph.output if producer[o.name].op_type in ("Gemm", "MatMul"))
+    assert heads == (0 if name == "det_head_tiny" else 1)
     assert fused.count("QuantizeLinear") == len(proto.graph.input)
-    assert fused.count("DequantizeLinear") == len(proto.graph.output)
+    assert fused.count("DequantizeLinear") == len(proto.graph.output) - heads
     assert fused.count("Transpose") == len(proto.graph.input) + len(proto.graph.output) - \
         sum(1 for n in proto.graph.node if n.op_type == "Flatten")
 
@@ -912,3 +916,43 @@ def test_quantize_int8_bias_add_after_matmul_runs_as_qlinearadd(tmp_path):
     assert report.parity.outputs[0].cosine > 0.999
     fused = fused_ops(out, tmp_path)
     assert "QLinearAdd" in fused and "Add" not in fused
+
+
+def _two_heads():
+    """x -> MatMul(w1) -> Relu -> MatMul(w2) -> Softmax -> probs, and the same hidden -> Gemm -> logits."""
+    r = rng(7)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["s"], name="mm2"),
+             helper.make_node("Softmax", ["s"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("Gemm", ["hr", "w3", "b3"], ["logits"], name="head")]
+    inits = [init("w1", r.standard_normal((64, 128)).astype(np.float32) * 0.1),
+             init("w2", r.standard_normal((128, 32)).astype(np.float32) * 0.1),
+             init("w3", r.standard_normal((128, 10)).astype(np.float32) * 0.1),
+             init("b3", r.standard_normal(10).astype(np.float32))]
+    return make_model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+                      [helper.make_tensor_value_info("probs", FLOAT, ["N", 32]),
+                       helper.make_tensor_value_info("logits", FLOAT, ["N", 10])], inits)
+
+
+def test_quantize_int8_gemm_matmul_outputs_read_by_float_ops_stay_float(tmp_path):
+    proto = _two_heads()
+    calib = {"x": rng(8).standard_normal((32, 64)).astype(np.float32)}
+    out, report = onnxslim_kit.optimize(proto, passes=["quantize-int8"], calibration=calib)
+    onnx.checker.check_model(out, full_check=True)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    # The head's logits and the MatMul read by the float Softmax carry no Q -> DQ ...
+    assert producer["logits"].op_type == "Gemm" and producer["probs"].op_type == "Softmax"
+    softmax_in = producer["probs"].input[0]
+    assert producer[softmax_in].op_type == "MatMul"
+    # ... the hidden layer read by quantized nodes is quantized, with its Relu folded into the range.
+    assert "relu" not in {n.name for n in out.graph.node}
+    assert sum(n.op_type == "QuantizeLinear" for n in out.graph.node) == 2   # x and hr
+    fused = fused_ops(out, tmp_path)
+    assert "QGemm" in fused and "MatMulIntegerToFloat" in fused and "QLinearMatMul" in fused
+    assert "Gemm" not in fused and "MatMul" not in fused
+    assert fused.count("DequantizeLinear") == 0
+    x = calib["x"]
+    ref, got = run_model(proto, {"x": x}), run_model(out, {"x": x})
+    for a, b in zip(ref, got):
+        assert _cosine(a, b) > 0.999
