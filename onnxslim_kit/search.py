@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
+from .analyze import _Cache, _cache_key
 from .calibration import CalibrationData
 from .errors import InputError, OnnxSlimError
 from .ir import Model
@@ -563,12 +564,47 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     # on that op type: the plan is to be smaller AND faster, and MACs / bytes saved do not say that.
     probe: dict[str, float | None] = {}
     excluded: dict[str, str] = {}
+    # Timings the balanced objective decides on are kept in the analysis cache (when given): a rerun, or
+    # the same search on another executor, then takes the same decisions and builds the same plan.
+    store = _Cache(cache) if cache is not None else None
+
+    def timing_fields(what: str, entries: list[PlanEntry]) -> dict:
+        return {"latency": what, "entries": sorted(f"{e.technique} @ {e.layer}" for e in entries),
+                "model": report.model_fingerprint, "calibration": report.calibration_id,
+                "threads": latency_threads, "rounds": PROBE_ROUNDS, "seed": seed}
+
+    def cached_rounds(fields: dict) -> list[float] | None:
+        hit = store.get(_cache_key(fields)) if store is not None else None
+        if hit is not None and isinstance(hit.get("rounds"), list):
+            return [float(x) for x in hit["rounds"]]
+        return None
+
+    def keep_rounds(fields: dict, rounds: list[float]) -> None:
+        if store is not None:
+            store.put(_cache_key(fields), fields, {"rounds": rounds})
+
+    def plan_rounds(entries: list[PlanEntry], proto: onnx.ModelProto) -> list[float]:
+        fields = timing_fields("plan", entries)
+        rounds = cached_rounds(fields)
+        if rounds is None:
+            rounds = latency_rounds(original, [proto], s_feeds[0], threads=latency_threads, rounds=PROBE_ROUNDS)[0]
+            keep_rounds(fields, rounds)
+        return rounds
+
     if objective == "balanced" and tgt.kind != "size":
         groups: dict[str, list[PlanEntry]] = {}
         for c in cands:
             groups.setdefault(_group(c), []).append(c)
+        fields = {key: timing_fields("probe " + key, members) for key, members in groups.items()}
+        measured: dict[str, list[float]] = {}
+        for key in groups:
+            hit = cached_rounds(fields[key])
+            if hit is not None:
+                measured[key] = hit
         protos, names = [], []
         for key, members in groups.items():
+            if key in measured:
+                continue
             try:
                 protos.append(fitted(members, fit_data)[0].to_proto())
                 names.append(key)
@@ -579,6 +615,11 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         if protos:
             for key, per_round in zip(names, latency_rounds(original, protos, s_feeds[0], threads=latency_threads,
                                                             rounds=PROBE_ROUNDS)):
+                measured[key] = per_round
+                keep_rounds(fields[key], per_round)
+        for key in groups:
+            if key in measured:
+                per_round = measured[key]
                 probe[key] = statistics.median(per_round)
                 if min(per_round) > 1.0:   # slower in every round: a sign test, p = 2**-PROBE_ROUNDS
                     excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it was slower "
@@ -746,7 +787,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         # Speed repair: a verified plan slower than the original in every round loses, one at a time, the
         # probed groups that were slower than the original on their own (worst first), while it still
         # meets the target and gets faster; each removal is a verification.
-        rounds = latency_rounds(original, [current[0]], s_feeds[0], threads=latency_threads, rounds=PROBE_ROUNDS)[0]
+        rounds = plan_rounds(plan, current[0])
         suspects = sorted({_group(e) for e in plan if (probe.get(_group(e)) or 0.0) > 1.0},
                           key=lambda k: (-(probe[k] or 0.0), k))
         while min(rounds) > 1.0 and suspects and len(steps) < max_verifications:
@@ -755,8 +796,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             trial = build(trial_plan, f"speed: without {key}")
             if not is_met(trial):
                 continue
-            trial_rounds = latency_rounds(original, [trial[0]], s_feeds[0], threads=latency_threads,
-                                          rounds=PROBE_ROUNDS)[0]
+            trial_rounds = plan_rounds(trial_plan, trial[0])
             if statistics.median(trial_rounds) < statistics.median(rounds):
                 plan, current, rounds = trial_plan, trial, trial_rounds
                 excluded[key] = (f"the verified plan ran slower than the original in every round; without it "

@@ -446,6 +446,26 @@ def test_search_balanced_speed_repair_drops_group_when_plan_is_slower(monkeypatc
     assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
 
 
+def test_search_balanced_rerun_with_cache_reuses_timings_and_plan(monkeypatch, tmp_path):
+    """The probe's and the speed repair's timings go into --cache: a rerun (or the same search on
+    another executor) decides on the same numbers and builds the same plan, timing nothing."""
+    module = sys.modules["onnxslim_kit.search"]
+    first: list = []
+    monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", first))
+    proto, calib = _model(), _calib()
+    cache = tmp_path / "analysis.jsonl"
+    a = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[INT8, PRUNE], cache=cache)
+    assert first and a.excluded
+    # Now int8 would measure fast: with the cache the search does not time again and keeps its decisions.
+    again: list = []
+    monkeypatch.setattr(module, "latency_rounds", _fake_latency("NoSuchOp", again))
+    b = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[INT8, PRUNE], cache=cache)
+    assert again == [] and b.excluded == a.excluded and b.probe == a.probe
+    assert [(e.layer, e.technique) for e in b.plan] == [(e.layer, e.technique) for e in a.plan]
+    assert b.model.SerializeToString() == a.model.SerializeToString()
+    assert b.analysis.reused == len(b.analysis.evaluations)
+
+
 def test_search_objective_bad_value_exits_2(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(_model(), model)
