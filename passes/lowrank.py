@@ -15,7 +15,11 @@ runs at inference time. Plain SVD minimises the weight error ||W - AB||. With ca
 (``whiten=true``, the default when real data is given) the truncation is done in the whitened space of
 the layer's input (SVD-LLM-style): with G = X^T X = L L^T, take the SVD of L^T W, so the kept rank
 minimises the output error ||XW - XAB|| instead (for a kxk Conv, X is the im2col patch matrix, used
-while C*k*k <= 1024). ``refit=true`` then re-solves B by least squares against the original layer's
+while C*k*k <= 1024). With ``energy`` / ``rank_ratio``, the Gram matrix that whitens is shrunk toward
+a multiple of the identity (Ledoit-Wolf, :func:`shrink_gram`): few rows for many features (a pooler
+reads one vector per sample) otherwise leave directions the calibration data missed with no weight, and
+the truncation drops them; ``max_error`` / ``budget`` bound the error on the calibration data itself
+and use its Gram matrix as is. ``refit=true`` then re-solves B by least squares against the original layer's
 outputs (the original model is the teacher), using the same streamed Gram matrix.
 
 Rank choice (first that is given): ``budget`` (global fraction of the candidates' weight parameters,
@@ -57,6 +61,25 @@ def factorize(weight: np.ndarray, rank: int, *, chol: np.ndarray | None = None) 
     u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
     a = np.linalg.solve(chol.T, u[:, :rank] * s[:rank])
     return a, vt[:rank]
+
+
+def shrink_gram(gram: np.ndarray, rows: int, fourth: float) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf shrinkage of the second moment S = G / n toward mu I (mu = tr S / K), from the
+    streamed sums G = sum x x^T and sum ||x||^4 over the n rows: intensity min(1, b2 / d2) with
+    d2 = ||S - mu I||_F^2 and b2 = (sum ||x||^4 / n - ||S||_F^2) / n. Few rows for many features (the 8
+    CLS vectors a pooler reads: 128 features) give a Gram matrix with no energy where the calibration
+    data did not go, and a whitened truncation that drops those directions fails on the next input
+    (cosine 0.81 on held-out samples at every energy); the estimate says how far to trust it.
+    Returns (n * shrunk S, intensity)."""
+    n = max(int(rows), 1)
+    g = np.asarray(gram, dtype=np.float64)
+    s = g / n
+    k = s.shape[0]
+    mu = float(np.trace(s)) / k
+    d2 = float(np.sum((s - mu * np.eye(k)) ** 2))
+    b2 = max(0.0, (fourth / n - float(np.sum(s * s))) / n)
+    delta = 1.0 if d2 <= 0.0 else min(1.0, b2 / d2)
+    return n * ((1.0 - delta) * s + delta * mu * np.eye(k)), delta
 
 
 def refit_second_factor(a: np.ndarray, weight: np.ndarray, gram: np.ndarray, damping: float) -> np.ndarray:
@@ -119,6 +142,8 @@ class _Candidate:
     note: str = ""
     rank: int = 0
     gram: np.ndarray | None = field(default=None, repr=False)
+    shrunk: np.ndarray | None = field(default=None, repr=False)   # shrink_gram(gram): what whitens
+    shrinkage: float = 0.0    # its Ledoit-Wolf intensity
 
     @property
     def key(self):
@@ -267,8 +292,13 @@ class LowRankSVD(Pass):
                  "candidate_params_before": int(sum(c.weight.size for c in cands))}
         chols: dict[int, np.ndarray | None] = {}
         profiles: dict[int, tuple[np.ndarray, float]] = {}
+        # energy / rank_ratio promise nothing on the calibration data: their whitening uses the shrunk
+        # estimate, which carries over to new inputs; max_error / budget are bounds ON the calibration
+        # data, so they whiten with (and account for) the calibration data's own Gram matrix.
+        bounded = self.max_error is not None or self.budget is not None
         for i, c in enumerate(cands):
-            chols[i] = gram_cholesky(c.gram, self.damping) if (whiten and c.gram is not None) else None
+            whitening_gram = c.gram if bounded or c.shrunk is None else c.shrunk
+            chols[i] = gram_cholesky(whitening_gram, self.damping) if (whiten and c.gram is not None) else None
             if self.max_error is not None or self.budget is not None:
                 profiles[i] = error_profile(c.weight, c.gram, chols[i])
             if whiten and c.gram is None:
@@ -294,7 +324,7 @@ class LowRankSVD(Pass):
             else:
                 rank_chol = chols[i]
                 if by_outputs and rank_chol is None and c.gram is not None:
-                    rank_chol = gram_cholesky(c.gram, self.damping)
+                    rank_chol = gram_cholesky(c.shrunk if c.shrunk is not None else c.gram, self.damping)
                 r = self._rank(singular_values(c.weight, rank_chol if by_outputs else chols[i]), k, n)
             if not self._saves(r, k, n):
                 skipped.append((c.label, f"rank {r} of {k}x{n} would not save {self.min_saving:.0%} of the MACs "
@@ -414,6 +444,8 @@ class LowRankSVD(Pass):
         """X^T X of every candidate's input rows over the calibration data, streamed (no activation storage)."""
         keys = {c.key for c in cands if c.view is not None}
         grams: dict = {}
+        rows: dict = {}
+        fourth: dict = {}
         for acts in stream_activations(model, {name for name, _ in keys}, ctx, "svd: input statistics"):
             for name, view in keys:
                 act = acts[name]
@@ -422,9 +454,13 @@ class LowRankSVD(Pass):
                 for part in parts:
                     x = _conv_rows(part, view)
                     grams[(name, view)] = grams.get((name, view), 0) + x.T @ x
+                    rows[(name, view)] = rows.get((name, view), 0) + x.shape[0]
+                    norms = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+                    fourth[(name, view)] = fourth.get((name, view), 0.0) + float(norms @ norms)
         for c in cands:
-            if c.view is not None:
-                c.gram = grams.get(c.key)
+            if c.view is not None and c.key in grams:
+                c.gram = grams[c.key]
+                c.shrunk, c.shrinkage = shrink_gram(grams[c.key], rows[c.key], fourth[c.key])
 
     @staticmethod
     def _rewrite(model: Model, c: _Candidate, a: np.ndarray, b: np.ndarray) -> None:

@@ -15,7 +15,7 @@ Variants: the original (after nothing), the search's plan, and uniform int8 (qua
 weights (quantize-weights:bits=4), prune-channels at several ratios, svd at several energies, each
 after cleanup. Columns: size on disk, MACs (unknown where MatMulNBits nodes are not counted), latency
 (onnxruntime CPU, 2 threads, batch 1, variants interleaved A,B,C,... over rounds, one session alive at
-a time; median), held-out metric and drop. Then: the best uniform variant at the same accuracy (held-out
+a time; per round each variant's median run / the original's, then the median over rounds), held-out metric and drop. Then: the best uniform variant at the same accuracy (held-out
 drop within the target) by size and by latency, vs the plan, as ratios plan / uniform. Results go to
 tools/results/auto_compression.md.
 """
@@ -104,7 +104,11 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
     first = {k: v[:1] for k, v in held[0].items()}
     names = list(variants)
     times = time_sessions([variants[k] for k in names], first, threads=2, runs=runs, warmup=3, rounds=rounds)
-    med = {k: statistics.median(t) for k, t in zip(names, times)}
+    # Per round, each variant's median run against the original's in the same round; the median of those
+    # ratios over rounds (a burst of load hits both sides of a ratio), times the original's median.
+    per_round = {k: [statistics.median(t[r * runs:(r + 1) * runs]) for r in range(rounds)] for k, t in zip(names, times)}
+    base_ms = statistics.median(per_round["original"])
+    med = {k: base_ms * statistics.median(a / b for a, b in zip(per_round[k], per_round["original"])) for k in names}
     orig_stats = model_stats(original)
     rows, info = [], {}
     for k in names:
@@ -168,8 +172,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["digits_cnn", "mobilenetv2_digits", "bert_tiny"])
     parser.add_argument("--drop", type=float, default=0.01)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", default="auto_compression.md", help="file name under tools/results/")
     parser.add_argument("--confidence", type=float, default=0.95, help="search confidence (top1 margin)")
