@@ -88,8 +88,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
              target: Any = None, metric: Any = None, labels: Any = None, techniques: Any = None,
              workers: int | None = 1, holdout: float = 0.0, max_verifications: int = 8,
              save_recipe: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
-             confidence: float = 0.95, executor: str = "local", objective: str = "balanced"
-             ) -> tuple[onnx.ModelProto, Report]:
+             confidence: float = 0.95, executor: str = "local", objective: str = "balanced",
+             latency_threads: int = 2, latency_batch: int = 1) -> tuple[onnx.ModelProto, Report]:
     """Run a pipeline on ``model``, check parity against the original, and optionally write the result.
 
     ``passes``: None (the default pipeline, ``cleanup``), a list of specs such as
@@ -108,7 +108,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     ``target`` (``"accuracy_drop=0.01"``, ``"size=0.25x"``, ``"latency=0.5x"``) runs the accuracy-aware
     search instead of a pipeline (see :func:`onnxslim_kit.search.search`; ``metric``, ``labels``,
     ``techniques``, ``workers``, ``executor``, ``holdout``, ``max_verifications``, ``cache``, ``confidence``,
-    ``objective`` go to it) and returns
+    ``objective``, ``latency_threads``, ``latency_batch`` go to it) and returns
     ``(model, SearchResult)``. The verified target is the gate of that run: the model is written only
     when it is met (else :class:`ParityError`, nothing written); ``save_recipe`` writes the plan as TOML.
     """
@@ -119,6 +119,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
                                    techniques=techniques, workers=workers, holdout=holdout,
                                    max_verifications=max_verifications, save_recipe=save_recipe, cache=cache,
                                    confidence=confidence, executor=executor, objective=objective,
+                                   latency_threads=latency_threads, latency_batch=latency_batch,
                                    passes=passes, recipe=recipe, tolerance=tolerance, check=check)
     start = time.perf_counter()
     if check not in CHECK_MODES:

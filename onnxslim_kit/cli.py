@@ -192,6 +192,12 @@ def _parse_tolerances(items) -> dict[str, float] | None:
               help="With --target and --metric top1: the verified drop plus z(confidence) * sqrt(2 * (samples "
                    "whose correctness changed + 1)) / samples must be within the target, so that the plan also "
                    "meets it on fresh data of the same size; 0 checks the drop alone.")
+@click.option("--latency-threads", type=int, default=2, show_default=True,
+              help="With --target: onnxruntime threads for every latency the search measures (latency target, "
+                   "balanced objective, the result's ratio).")
+@click.option("--latency-batch", type=int, default=1, show_default=True,
+              help="With --target: batch size (rows on dynamic-batch inputs) at which latency is measured: the "
+                   "batch you deploy at; int8 and small layers gain least at 1.")
 @click.option("--objective", type=click.Choice(["balanced", "size"]), default="balanced", show_default=True,
               help="With --target accuracy_drop: balanced = save MACs and bytes, and leave out a technique that, "
                    "applied to all its candidate layers, makes this model slower here (timed before the "
@@ -200,7 +206,7 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,
              seed, samples, batch_size, overwrite, target, metric, labels, techniques, workers, executor, holdout,
-             max_verifications, save_recipe, cache, confidence, objective, quiet):
+             max_verifications, save_recipe, cache, confidence, latency_threads, latency_batch, objective, quiet):
     """Optimize MODEL and write it to OUTPUT if it passes the parity gate.
 
     With a target (accuracy_drop, size or latency), a per-layer plan is searched instead and written
@@ -214,7 +220,9 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
         given = [name for name, value in (("--metric", metric), ("--labels", labels), ("-t/--technique", techniques),
                                           ("--holdout", holdout), ("--save-recipe", save_recipe),
                                           ("--cache", cache), ("--executor", executor != "local"),
-                                          ("--objective", objective != "balanced")) if value]
+                                          ("--objective", objective != "balanced"),
+                                          ("--latency-threads", latency_threads != 2),
+                                          ("--latency-batch", latency_batch != 1)) if value]
         if given:
             raise InputError(f"{', '.join(given)}: only with --target")
     else:
@@ -225,7 +233,8 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
                         num_samples=samples, batch_size=batch_size, progress=_progress_factory(quiet),
                         overwrite=overwrite, metric=metric, labels=labels, techniques=list(techniques) or None,
                         workers=workers, executor=executor, holdout=holdout, max_verifications=max_verifications,
-                        save_recipe=save_recipe, cache=cache, confidence=confidence, objective=objective)
+                        save_recipe=save_recipe, cache=cache, confidence=confidence, objective=objective,
+                        latency_threads=latency_threads, latency_batch=latency_batch)
         if report_path:
             with open(report_path, "w", encoding="utf-8") as fh:
                 json.dump(_json_safe(result.to_dict()), fh, indent=2)

@@ -286,25 +286,27 @@ def top1_margin(z: float, discordant: int, count: int) -> float:
     return z * math.sqrt(2.0 * (discordant + 1)) / max(1, count)
 
 
-def _latency_feed(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feed`` cut to one sample on every input whose batch dim is not fixed: latency is compared at
-    batch 1 (where int8 and small layers gain least), not at the calibration batch."""
+def _latency_feed(proto: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int = 1) -> dict[str, np.ndarray]:
+    """``feed`` with ``batch`` rows (cut, or repeated) on every input whose batch dim is not fixed:
+    latency is compared at the deployment batch (default 1, where int8 and small layers gain least),
+    not at the calibration batch."""
     out = dict(feed)
     for inp in proto.graph.input:
         dims = inp.type.tensor_type.shape.dim
         if inp.name in out and dims and not dims[0].HasField("dim_value") and np.ndim(out[inp.name]) >= 1:
-            out[inp.name] = out[inp.name][:1]
+            x = np.asarray(out[inp.name])
+            out[inp.name] = x[:batch] if len(x) >= batch else np.concatenate([x] * -(-batch // len(x)))[:batch]
     return out
 
 
 def latency_rounds(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feed: dict[str, np.ndarray],
-                   *, threads: int = 2, rounds: int = 5, budget_s: float = 0.03) -> list[list[float]]:
-    """Per candidate, its latency / the original's in each of ``rounds`` rounds on ``feed`` (batch 1
-    where the batch is dynamic): sessions interleaved, one alive at a time, each round's ratio taken
+                   *, threads: int = 2, rounds: int = 5, budget_s: float = 0.03, batch: int = 1) -> list[list[float]]:
+    """Per candidate, its latency / the original's in each of ``rounds`` rounds on ``feed`` (``batch``
+    rows where the batch is dynamic): sessions interleaved, one alive at a time, each round's ratio taken
     against that round's original (median of the round's runs), so that a burst of load hits both
     sides of a ratio. Runs per round are sized so that each session is timed for about ``budget_s``
     (10 to 200 runs)."""
-    feed = _latency_feed(original, feed)
+    feed = _latency_feed(original, feed, batch)
     probe = time_sessions([original], feed, threads=threads, runs=5, warmup=2, rounds=1)[0]
     runs = int(min(200, max(10, budget_s / max(statistics.median(probe), 1e-6))))
     times = time_sessions([original, *candidates], feed, threads=threads, runs=runs, warmup=3, rounds=rounds)
@@ -313,9 +315,10 @@ def latency_rounds(original: onnx.ModelProto, candidates: list[onnx.ModelProto],
 
 
 def latency_ratios(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feed: dict[str, np.ndarray],
-                   *, threads: int = 2, rounds: int = 5) -> list[float]:
+                   *, threads: int = 2, rounds: int = 5, batch: int = 1) -> list[float]:
     """The median over rounds of :func:`latency_rounds`: each candidate's latency / the original's."""
-    return [statistics.median(r) for r in latency_rounds(original, candidates, feed, threads=threads, rounds=rounds)]
+    return [statistics.median(r) for r in latency_rounds(original, candidates, feed, threads=threads, rounds=rounds,
+                                                         batch=batch)]
 
 
 def _quant_bits(technique: str) -> int | None:
@@ -394,7 +397,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
            workers: int | None = 1, executor: str = "local", holdout: float = 0.0, seed: int = 0,
            input_shapes: Any = None,
            num_samples: int = 8, batch_size: int | None = None, max_verifications: int = 8,
-           cache: str | os.PathLike | None = None, latency_threads: int = 2, confidence: float = 0.95,
+           cache: str | os.PathLike | None = None, latency_threads: int = 2, latency_batch: int = 1,
+           confidence: float = 0.95,
            objective: str = "balanced", progress: Progress | None = None) -> SearchResult:
     """Find a plan (technique per layer) that meets ``target`` and return it built and verified.
 
@@ -423,6 +427,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         raise InputError(f"--confidence {confidence}: expected a probability in [0, 1)")
     if max_verifications < 1:
         raise InputError("max_verifications must be at least 1")
+    if latency_threads < 1 or latency_batch < 1:
+        raise InputError("latency_threads and latency_batch must be at least 1")
     if objective not in OBJECTIVES:
         raise InputError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
     label, original, _ = _load(model)
@@ -539,7 +545,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             discordant, count = top1_discordant(outs, ref_s, s_labels)
             margin = top1_margin(z, discordant, count)
         size = model_stats(proto, shapes or None).bytes / max(1, original_sizes["bytes"])
-        lat = latency_ratios(original, [proto], s_feeds[0], threads=latency_threads)[0] if tgt.kind == "latency" else None
+        lat = latency_ratios(original, [proto], s_feeds[0], threads=latency_threads,
+                             batch=latency_batch)[0] if tgt.kind == "latency" else None
         drop = base_s - score
         met = {"accuracy_drop": max(drop, 0.0) + margin <= tgt.value + eps, "size": size <= tgt.value,
                "latency": lat is not None and lat <= tgt.value}[tgt.kind]
@@ -571,7 +578,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     def timing_fields(what: str, entries: list[PlanEntry]) -> dict:
         return {"latency": what, "entries": sorted(f"{e.technique} @ {e.layer}" for e in entries),
                 "model": report.model_fingerprint, "calibration": report.calibration_id,
-                "threads": latency_threads, "rounds": PROBE_ROUNDS, "seed": seed}
+                "threads": latency_threads, "batch": latency_batch, "rounds": PROBE_ROUNDS, "seed": seed}
 
     def cached_rounds(fields: dict) -> list[float] | None:
         hit = store.get(_cache_key(fields)) if store is not None else None
@@ -587,7 +594,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         fields = timing_fields("plan", entries)
         rounds = cached_rounds(fields)
         if rounds is None:
-            rounds = latency_rounds(original, [proto], s_feeds[0], threads=latency_threads, rounds=PROBE_ROUNDS)[0]
+            rounds = latency_rounds(original, [proto], s_feeds[0], threads=latency_threads, rounds=PROBE_ROUNDS,
+                                    batch=latency_batch)[0]
             keep_rounds(fields, rounds)
         return rounds
 
@@ -614,7 +622,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                             key, exc)
         if protos:
             for key, per_round in zip(names, latency_rounds(original, protos, s_feeds[0], threads=latency_threads,
-                                                            rounds=PROBE_ROUNDS)):
+                                                            rounds=PROBE_ROUNDS, batch=latency_batch)):
                 measured[key] = per_round
                 keep_rounds(fields[key], per_round)
         for key in groups:
@@ -624,7 +632,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 if min(per_round) > 1.0:   # slower in every round: a sign test, p = 2**-PROBE_ROUNDS
                     excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it was slower "
                                      f"than the original in each of {PROBE_ROUNDS} interleaved rounds (median "
-                                     f"{probe[key]:.3f}x, {latency_threads} threads, batch 1)")
+                                     f"{probe[key]:.3f}x, {latency_threads} threads, batch {latency_batch})")
         cands = [c for c in cands if _group(c) not in excluded]
 
     plan: list[PlanEntry] = []
@@ -808,7 +816,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     proto, pipe, score, size, lat, margin = current
     if lat is None and proto is not None:
         lat = measured_lat if measured_lat is not None else latency_ratios(original, [proto], s_feeds[0],
-                                                                             threads=latency_threads)[0]
+                                                                             threads=latency_threads,
+                                                                             batch=latency_batch)[0]
     hold_base = hold_score = hold_drop = None
     if h_feeds:
         hold_base = scorer.baseline(ref_h, h_labels)

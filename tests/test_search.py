@@ -466,6 +466,24 @@ def test_search_balanced_rerun_with_cache_reuses_timings_and_plan(monkeypatch, t
     assert b.analysis.reused == len(b.analysis.evaluations)
 
 
+def test_search_latency_batch_reaches_every_timing(monkeypatch):
+    module = sys.modules["onnxslim_kit.search"]
+    feeds: list = []
+
+    def fake(original, candidates, feed, *, threads=2, rounds=5, batch=1, **_):
+        feeds.append((threads, module._latency_feed(original, feed, batch)))
+        return [[0.9] * rounds for _ in candidates]
+
+    monkeypatch.setattr(module, "latency_rounds", fake)
+    result = onnxslim_kit.search(_model(), _calib(4), target="accuracy_drop=0.05", techniques=[INT8],
+                                 latency_batch=6, latency_threads=1)
+    assert result.probe and feeds
+    # 6 rows asked, the first calibration feed has 1: repeated; every timing saw them, on 1 thread.
+    assert all(t == 1 and f["x"].shape[0] == 6 for t, f in feeds)
+    with pytest.raises(InputError, match="latency_batch"):
+        onnxslim_kit.search(_model(), _calib(4), target="accuracy_drop=0.05", latency_batch=0)
+
+
 def test_search_objective_bad_value_exits_2(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(_model(), model)
