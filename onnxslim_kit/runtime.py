@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from typing import Iterator
@@ -233,3 +234,16 @@ def time_sessions(models: list, feed: dict, *, threads: int | None = 2, runs: in
                 times[i].append(time.perf_counter() - t0)
             del sess
     return times
+
+
+def round_medians(times: list[float], rounds: int) -> list[float]:
+    """The median run of each round of one model's :func:`time_sessions` list (runs in round order)."""
+    per = len(times) // rounds
+    return [statistics.median(times[r * per:(r + 1) * per]) for r in range(rounds)]
+
+
+def paired_ratio(times: list[float], reference: list[float], rounds: int) -> float:
+    """Latency of ``times`` / ``reference`` (two lists from one :func:`time_sessions` call): each round's
+    median against the reference's in the same round, then the median over rounds, so that a burst of
+    load hits both sides of a ratio instead of one variant."""
+    return statistics.median(a / b for a, b in zip(round_medians(times, rounds), round_medians(reference, rounds)))

@@ -68,7 +68,7 @@ from .ir import Model
 from .metrics import model_stats
 from .pass_base import PassContext
 from .pipeline import Pipeline, build_pass, parse_spec
-from .runtime import run_feeds, time_sessions
+from .runtime import round_medians, run_feeds, time_sessions
 from .usermetric import Metric, load_labels, parse_metric, sample_counts, split_labels, top1_discordant
 
 logger = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def latency_rounds(original: onnx.ModelProto, candidates: list[onnx.ModelProto],
     probe = time_sessions([original], feed, threads=threads, runs=5, warmup=2, rounds=1)[0]
     runs = int(min(200, max(10, budget_s / max(statistics.median(probe), 1e-6))))
     times = time_sessions([original, *candidates], feed, threads=threads, runs=runs, warmup=3, rounds=rounds)
-    per_round = [[statistics.median(t[r * runs:(r + 1) * runs]) for r in range(rounds)] for t in times]
+    per_round = [round_medians(t, rounds) for t in times]
     return [[c / o for c, o in zip(cand, per_round[0])] for cand in per_round[1:]]
 
 

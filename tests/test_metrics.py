@@ -175,3 +175,18 @@ def test_metrics_constant_nodes_are_never_unresolved():
     assert stats.unresolved == [] and stats.macs == 0 and stats.params == 4
     x = rng(6).standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_allclose(run_model(model, {"x": x})[0], x + 1, atol=1e-6)
+
+
+def test_paired_ratio_compares_within_rounds():
+    """A burst of load in the second round slows both variants there: the per-round comparison still
+    says 2x, where pooled medians across rounds would not."""
+    from onnxslim_kit.runtime import paired_ratio, round_medians
+
+    a = [2.0, 2.1, 1.9] + [20.0, 21.0, 19.0] + [2.0, 2.0, 2.2]
+    b = [1.0, 1.1, 0.9] + [10.0, 10.5, 9.5] + [1.0, 1.0, 1.1]
+    assert round_medians(a, 3) == [2.0, 20.0, 2.0]
+    assert paired_ratio(a, b, 3) == 2.0
+    # One sustained burst that hit only the candidate's round is outvoted by the other rounds.
+    c = [2.0, 2.0, 2.0] + [9.0, 9.0, 9.0] + [2.0, 2.0, 2.0]
+    d = [1.0, 1.0, 1.0] * 3
+    assert paired_ratio(c, d, 3) == 2.0

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_static_int8 import eval_set  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.metrics import model_stats  # noqa: E402
-from onnxslim_kit.runtime import run_feeds, time_sessions  # noqa: E402
+from onnxslim_kit.runtime import paired_ratio, round_medians, run_feeds, time_sessions  # noqa: E402
 from onnxslim_kit.search import search  # noqa: E402
 from onnxslim_kit.usermetric import parse_metric  # noqa: E402
 
@@ -106,9 +106,9 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
     times = time_sessions([variants[k] for k in names], first, threads=2, runs=runs, warmup=3, rounds=rounds)
     # Per round, each variant's median run against the original's in the same round; the median of those
     # ratios over rounds (a burst of load hits both sides of a ratio), times the original's median.
-    per_round = {k: [statistics.median(t[r * runs:(r + 1) * runs]) for r in range(rounds)] for k, t in zip(names, times)}
-    base_ms = statistics.median(per_round["original"])
-    med = {k: base_ms * statistics.median(a / b for a, b in zip(per_round[k], per_round["original"])) for k in names}
+    times = dict(zip(names, times))
+    base_ms = statistics.median(round_medians(times["original"], rounds))
+    med = {k: base_ms * paired_ratio(times[k], times["original"], rounds) for k in names}
     orig_stats = model_stats(original)
     rows, info = [], {}
     for k in names:

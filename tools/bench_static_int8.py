@@ -4,8 +4,8 @@ same calibration samples.
 
     python tools/bench_static_int8.py [--models resnet_tiny mobilenetv2_tiny ...] [--runs 30] [--rounds 5]
 
-Prints per model: latency (onnxruntime CPU, 2 threads, median of interleaved rounds, one session alive at
-a time) of fp32 / ours / ORT, size, cosine and top-1 agreement vs fp32 on the calibration samples,
+Prints per model: latency (onnxruntime CPU, 2 threads, interleaved rounds, one session alive at a time; each
+variant's per-round median vs fp32's in the same round, median over rounds) of fp32 / ours / ORT, size, cosine and top-1 agreement vs fp32 on the calibration samples,
 held-out accuracy where the model ships labels (digits CNN), tool run time, and ratios ours/ORT.
 """
 
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import cosines, latencies, md_table, outputs, size, snrs  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.calibration import input_specs, load_calibration  # noqa: E402
+from onnxslim_kit.runtime import paired_ratio, round_medians  # noqa: E402
 
 DEFAULT_MODELS = ["resnet_tiny", "mobilenetv2_tiny", "mobilenetv3_tiny", "digits_cnn", "det_head_tiny",
                   "bert_tiny", "paddle_style_opset11"]
@@ -113,7 +114,14 @@ def batched(paths: dict[str, str], feed: dict, args) -> dict[str, float] | None:
             return None
     big = {k: np.repeat(v[:1], args.batch, axis=0) for k, v in feed.items()}
     times = latencies(paths, big, args.threads, max(5, args.runs // 3), args.rounds)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return paired(times, args.rounds)
+
+
+def paired(times: dict[str, list[float]], rounds: int) -> dict[str, float]:
+    """Per variant: fp32's median round x the variant's paired per-round ratio to fp32
+    (onnxslim_kit.runtime.paired_ratio), so every ratio in the table is a same-round comparison."""
+    base = statistics.median(round_medians(times["fp32"], rounds))
+    return {k: base * paired_ratio(v, times["fp32"], rounds) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
         cos = cosines(src, paths, feeds, args.threads)
         snr = snrs(src, paths, feeds, args.threads)
         times = latencies(paths, feeds[0], args.threads, args.runs, args.rounds)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = paired(times, args.rounds)
         med_b = batched(paths, feeds[0], args)
         for label in paths:
             rows.append([name, label, f"{med[label] * 1e3:.3f}", f"{med[label] / med['fp32']:.3f}",
