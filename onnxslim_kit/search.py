@@ -38,8 +38,8 @@ How (:func:`search`):
    on the search data is counted as no drop (the gain is not credited).
    Objective ``balanced`` (default): before the greedy, each technique is applied to all its candidate
    layers of one op type at once and timed against the original (:func:`latency_rounds`, batch 1,
-   interleaved rounds); a technique slower than the original in each of ``PROBE_ROUNDS`` rounds is not
-   used on that op type (``SearchResult.excluded``), so the plan is smaller and faster; objective
+   interleaved rounds); a technique slower than the original in each of ``PROBE_ROUNDS`` rounds, or
+   ``PROBE_SLOWER`` x slower in the median round, is not used on that op type (``SearchResult.excluded``), so the plan is smaller and faster; objective
    ``size`` skips that. The result's latency ratio is always measured.
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met; then the worst trades (predicted drop per share saved) are
@@ -84,8 +84,9 @@ SINGLE_REVERTS = 3
 # size: bytes (and MACs) only, nothing timed.
 OBJECTIVES = ("balanced", "size")
 # Rounds of the latency probe: a technique is left out when it is slower in every round (sign test,
-# p = 1/32 when it makes no difference), not on one noisy median.
+# p = 1/32 when it makes no difference) or its median round is PROBE_SLOWER x slower.
 PROBE_ROUNDS = 5
+PROBE_SLOWER = 1.05   # ... or when its median round is this much slower
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -629,10 +630,13 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             if key in measured:
                 per_round = measured[key]
                 probe[key] = statistics.median(per_round)
-                if min(per_round) > 1.0:   # slower in every round: a sign test, p = 2**-PROBE_ROUNDS
-                    excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it was slower "
-                                     f"than the original in each of {PROBE_ROUNDS} interleaved rounds (median "
-                                     f"{probe[key]:.3f}x, {latency_threads} threads, batch {latency_batch})")
+                # Slower in every round (a sign test, p = 2**-PROBE_ROUNDS if it made no difference), or
+                # clearly slower in the median round (one fast round under load does not rescue it).
+                if min(per_round) > 1.0 or probe[key] > PROBE_SLOWER:
+                    excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it ran "
+                                     f"{probe[key]:.3f}x the original's latency (median of {PROBE_ROUNDS} "
+                                     f"interleaved rounds, slowest {max(per_round):.3f}x, fastest "
+                                     f"{min(per_round):.3f}x; {latency_threads} threads, batch {latency_batch})")
         cands = [c for c in cands if _group(c) not in excluded]
 
     plan: list[PlanEntry] = []
