@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -64,7 +65,7 @@ import onnx
 from .analyze import _Cache, _cache_key
 from .calibration import CalibrationData
 from .errors import InputError, OnnxSlimError
-from .ir import Model
+from .ir import Model, save_proto
 from .metrics import model_stats
 from .pass_base import PassContext
 from .pipeline import Pipeline, build_pass, parse_spec
@@ -300,10 +301,10 @@ def _latency_feed(proto: onnx.ModelProto, feed: dict[str, np.ndarray], batch: in
     return out
 
 
-def latency_rounds(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feed: dict[str, np.ndarray],
+def latency_rounds(original: onnx.ModelProto, candidates: list, feed: dict[str, np.ndarray],
                    *, threads: int = 2, rounds: int = 5, budget_s: float = 0.03, batch: int = 1) -> list[list[float]]:
-    """Per candidate, its latency / the original's in each of ``rounds`` rounds on ``feed`` (``batch``
-    rows where the batch is dynamic): sessions interleaved, one alive at a time, each round's ratio taken
+    """Per candidate (a proto or a model file), its latency / the original's in each of ``rounds`` rounds
+    on ``feed`` (``batch`` rows where the batch is dynamic): sessions interleaved, one alive at a time, each round's ratio taken
     against that round's original (median of the round's runs), so that a burst of load hits both
     sides of a ratio. Runs per round are sized so that each session is timed for about ``budget_s``
     (10 to 200 runs)."""
@@ -610,22 +611,29 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             hit = cached_rounds(fields[key])
             if hit is not None:
                 measured[key] = hit
-        protos, names = [], []
-        for key, members in groups.items():
-            if key in measured:
-                continue
-            try:
-                protos.append(fitted(members, fit_data)[0].to_proto())
+        # One probe model in memory at a time: each is written to a temporary folder, then all are timed
+        # from their files, interleaved.
+        with tempfile.TemporaryDirectory(prefix="onnxslim-probe-") as folder:
+            paths, names = [], []
+            for key, members in groups.items():
+                if key in measured:
+                    continue
+                try:
+                    built_model = fitted(members, fit_data)[0]
+                except OnnxSlimError as exc:
+                    probe[key] = None
+                    logger.info("latency probe of %s: does not build on all its layers at once (%s); not timed",
+                                key, exc)
+                    continue
+                paths.append(os.path.join(folder, f"probe{len(paths)}.onnx"))
+                save_proto(built_model.to_proto(), paths[-1])
+                del built_model
                 names.append(key)
-            except OnnxSlimError as exc:
-                probe[key] = None
-                logger.info("latency probe of %s: does not build on all its layers at once (%s); not timed",
-                            key, exc)
-        if protos:
-            for key, per_round in zip(names, latency_rounds(original, protos, s_feeds[0], threads=latency_threads,
-                                                            rounds=PROBE_ROUNDS, batch=latency_batch)):
-                measured[key] = per_round
-                keep_rounds(fields[key], per_round)
+            if paths:
+                for key, per_round in zip(names, latency_rounds(original, paths, s_feeds[0], threads=latency_threads,
+                                                                rounds=PROBE_ROUNDS, batch=latency_batch)):
+                    measured[key] = per_round
+                    keep_rounds(fields[key], per_round)
         for key in groups:
             if key in measured:
                 per_round = measured[key]
