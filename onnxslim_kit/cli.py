@@ -199,9 +199,10 @@ def _parse_tolerances(items) -> dict[str, float] | None:
               help="With --target: batch size (rows on dynamic-batch inputs) at which latency is measured: the "
                    "batch you deploy at; int8 and small layers gain least at 1.")
 @click.option("--objective", type=click.Choice(["balanced", "size"]), default="balanced", show_default=True,
-              help="With --target accuracy_drop: balanced = save MACs and bytes, and leave out a technique that, "
-                   "applied to all its candidate layers, makes this model slower here (timed before the "
-                   "search, batch 1); size = save bytes and MACs whatever the latency (nothing timed).")
+              help="With --target accuracy_drop or latency: balanced = time each technique on all its candidate "
+                   "layers of one op type before the search, leave out what makes this model slower here and "
+                   "order changes by bytes + measured latency saved; size = order by MACs and bytes saved "
+                   "whatever the latency (nothing timed before the search).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,

@@ -39,7 +39,9 @@ How (:func:`search`):
    Objective ``balanced`` (default): before the greedy, each technique is applied to all its candidate
    layers of one op type at once and timed against the original (:func:`latency_rounds`, batch 1,
    interleaved rounds); a technique slower than the original in each of ``PROBE_ROUNDS`` rounds, or
-   ``PROBE_SLOWER`` x slower in the median round, is not used on that op type (``SearchResult.excluded``), so the plan is smaller and faster; objective
+   ``PROBE_SLOWER`` x slower in the median round, is not used on that op type (``SearchResult.excluded``),
+   and candidates are ordered by bytes + measured latency saved (each group's saving shared among its
+   layers by MACs, or bytes for quantization) instead of MACs, so the plan is smaller and faster; objective
    ``size`` skips that. The result's latency ratio is always measured.
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met; then the worst trades (predicted drop per share saved) are
@@ -503,9 +505,9 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     def saved(c: PlanEntry) -> float:
         if tgt.kind == "size":
             return c.bytes_saved_fraction
-        if tgt.kind == "latency":
+        if tgt.kind == "latency" and objective != "balanced":
             return c.macs_saved_fraction
-        return c.macs_saved_fraction + c.bytes_saved_fraction
+        return c.macs_saved_fraction + c.bytes_saved_fraction   # balanced: re-ordered once the probe has run
 
     eps = 1e-12
     cands = [c for c in cands if saved(c) > 0]
@@ -573,6 +575,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     # on that op type: the plan is to be smaller AND faster, and MACs / bytes saved do not say that.
     probe: dict[str, float | None] = {}
     excluded: dict[str, str] = {}
+    measured_share: Callable[[PlanEntry], float] | None = None   # share of the latency a change saves
     # Timings the balanced objective decides on are kept in the analysis cache (when given): a rerun, or
     # the same search on another executor, then takes the same decisions and builds the same plan.
     store = _Cache(cache) if cache is not None else None
@@ -646,6 +649,29 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                                      f"interleaved rounds, slowest {max(per_round):.3f}x, fastest "
                                      f"{min(per_round):.3f}x; {latency_threads} threads, batch {latency_batch})")
         cands = [c for c in cands if _group(c) not in excluded]
+        # Order by what the probe measured instead of MACs: a group's latency saving is shared among its
+        # candidates by MACs saved (bytes saved for quantization, which saves no MACs); a group the probe
+        # could not time keeps its MACs share. accuracy_drop: bytes + latency saved; latency: latency.
+        def weight(c: PlanEntry) -> float:
+            return c.macs_saved_fraction if c.macs_saved_fraction > 0 else c.bytes_saved_fraction
+
+        totals: dict[str, float] = {}
+        for c in cands:
+            totals[_group(c)] = totals.get(_group(c), 0.0) + weight(c)
+
+        def latency_saved(c: PlanEntry) -> float:
+            ratio, total = probe.get(_group(c)), totals.get(_group(c), 0.0)
+            if ratio is None:
+                return c.macs_saved_fraction
+            return max(0.0, 1.0 - ratio) * weight(c) / total if total > 0 else 0.0
+
+        def saved(c: PlanEntry) -> float:
+            return latency_saved(c) if tgt.kind == "latency" else c.bytes_saved_fraction + latency_saved(c)
+
+        measured_share = latency_saved
+
+        cands = [c for c in cands if saved(c) > 0]
+        cands.sort(key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
 
     plan: list[PlanEntry] = []
     used: dict[str, set[str]] = {}
@@ -745,9 +771,12 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         remaining = list(cands)
 
         def fraction(c: PlanEntry) -> float:
-            """Estimated share of the ORIGINAL's bytes (size) or MACs (latency) this change saves."""
+            """Estimated share of the ORIGINAL's bytes (size), or of its latency as the probe measured it
+            (else its MACs: latency), this change saves."""
             if tgt.kind == "size":
                 return c.bytes_saved / max(1, original_sizes["bytes"])
+            if measured_share is not None:
+                return measured_share(c)
             return c.macs_saved_fraction * base["macs"] / max(1, original_sizes["macs"])
 
         def add(need: float) -> int:
@@ -762,7 +791,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             return added
 
         start_ratio = (base["bytes"] / max(1, original_sizes["bytes"]) if tgt.kind == "size" else
-                       base["macs"] / max(1, original_sizes["macs"]))
+                       1.0 if measured_share is not None else base["macs"] / max(1, original_sizes["macs"]))
         if start_ratio > tgt.value:
             add(start_ratio - tgt.value)
         current = build(plan, "greedy")

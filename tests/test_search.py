@@ -488,6 +488,25 @@ def test_search_latency_batch_reaches_every_timing(monkeypatch):
         onnxslim_kit.search(_model(), _calib(4), target="accuracy_drop=0.05", latency_batch=0)
 
 
+def test_search_latency_target_orders_by_measured_speed_not_macs(monkeypatch):
+    """The probe says int8 halves the latency and pruning changes nothing: a latency target is met with
+    int8 (which saves no MACs, so a MACs ordering would not even list it) and without pruning."""
+    module = sys.modules["onnxslim_kit.search"]
+    monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", [], (0.5,) * 5))
+    original_fake = module.latency_rounds
+
+    def fake(original, candidates, feed, **kw):
+        rounds = original_fake(original, candidates, feed, **kw)
+        return [[1.0] * len(r) if r[0] == 0.9 else r for r in rounds]   # no Q: as fast as the original
+
+    monkeypatch.setattr(module, "latency_rounds", fake)
+    result = onnxslim_kit.search(_model(), _calib(), target="latency=0.8x", techniques=[INT8, PRUNE])
+    assert result.probe[f"{INT8} on MatMul"] == 0.5 and not result.excluded
+    assert result.met and result.plan and all(e.technique == INT8 for e in result.plan)
+    assert result.latency_ratio == 0.5
+    onnx.checker.check_model(result.model, full_check=True)
+
+
 def test_search_objective_bad_value_exits_2(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(_model(), model)
