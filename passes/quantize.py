@@ -766,6 +766,9 @@ _COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 # Compute ops onnxruntime fuses with DQ inputs and a float output (QGemm, MatMulIntegerToFloat): their
 # output needs no Q unless a quantized node reads it. Conv has no such kernel (QLinearConv writes int8).
 _FLOAT_OUTPUT_OPS = ("MatMul", "Gemm")
+# ... when nothing reads it but graph outputs and these float ops. Not an activation such as the Relu
+# int8 activations cannot fold: onnxruntime then fuses Gemm + Relu into a float FusedGemm instead.
+_FLOAT_OUTPUT_READERS = ("Softmax", "LogSoftmax", "Tanh", "LayerNormalization", "ArgMax", "TopK")
 # Ops onnxruntime runs on quantized tensors when every float input and output carries a Q/DQ pair
 # (Sigmoid and LeakyRelu as 256-entry lookup tables: QLinearSigmoid, QLinearLeakyRelu).
 _QUANT_FRIENDLY = ("Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat", "Sigmoid", "LeakyRelu")
@@ -1317,10 +1320,10 @@ class QuantizeInt8(Pass):
     @staticmethod
     def _tensors(model: Model, nodes: list[gs.Node], fold: dict[str, gs.Node]) -> dict[str, gs.Tensor]:
         """Every float activation input and output of the selected nodes (after activation folding),
-        except the output of a Gemm / MatMul that no selected node reads (a logits layer, or a
-        projection feeding a float op): onnxruntime runs DQ -> Gemm / MatMul with a float output as
-        QGemm / MatMulIntegerToFloat writing float directly, so a Q -> DQ there would only add an op
-        and the output's rounding error."""
+        except the output of a Gemm / MatMul read only by graph outputs and ``_FLOAT_OUTPUT_READERS``
+        (logits, a projection into Softmax / LayerNormalization): onnxruntime runs DQ -> Gemm / MatMul
+        with a float output as QGemm / MatMulIntegerToFloat writing float directly, so a Q -> DQ there
+        would only add an op and the output's rounding error."""
         outer = model.outer_scope_names()
         selected = {id(n) for n in nodes}
         tensors: dict[str, gs.Tensor] = {}
@@ -1330,7 +1333,7 @@ class QuantizeInt8(Pass):
                     tensors[t.name] = t
             out = fold[node.name].outputs[0] if node.name in fold else node.outputs[0]
             if node.op in _FLOAT_OUTPUT_OPS and node.name not in fold and \
-                    not any(id(u) in selected for u in model.consumers(out)):
+                    all(u.op in _FLOAT_OUTPUT_READERS and id(u) not in selected for u in model.consumers(out)):
                 continue
             if out.name not in outer:
                 tensors[out.name] = out

@@ -956,3 +956,15 @@ def test_quantize_int8_gemm_matmul_outputs_read_by_float_ops_stay_float(tmp_path
     ref, got = run_model(proto, {"x": x}), run_model(out, {"x": x})
     for a, b in zip(ref, got):
         assert _cosine(a, b) > 0.999
+
+
+@pytest.mark.slow
+def test_quantize_int8_symmetric_activations_keep_gemm_before_relu_integer(tmp_path):
+    """int8 activations cannot fold a Relu into the range: the Gemm before it keeps its output Q, or
+    onnxruntime fuses Gemm + Relu into a float FusedGemm (the logits Gemm still writes float)."""
+    proto, report = onnxslim_kit.optimize(MODELS / "digits_cnn.onnx", passes=["cleanup", "quantize-int8:activation_type=int8"],
+                                          calibration=MODELS / "digits_cnn.calib.npz")
+    fused = fused_ops(proto, tmp_path)
+    assert fused.count("QGemm") == 2 and "FusedGemm" not in fused and "Gemm" not in fused
+    assert report.parity.ok
+    onnx.checker.check_model(proto, full_check=True)
