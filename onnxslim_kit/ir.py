@@ -322,6 +322,9 @@ class Model:
         self.meta = meta
         self._tensor_map: dict[str, gs.Tensor] | None = None
         self._names: set[str] | None = None
+        # (structure key, result) of the last value_infos(): passes ask for types several times a run
+        # on an unchanged graph (each call is an export plus onnx shape inference).
+        self._infos: tuple[list, dict[str, onnx.ValueInfoProto]] | None = None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -567,10 +570,26 @@ class Model:
     # -- export --------------------------------------------------------------------------------
     def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
         """Types and shapes of every value (onnx shape inference on the model as declared, no pinned
-        dims), computed on an export without weight payloads: passes call this on models of any size."""
+        dims), computed on an export without weight payloads: passes call this on models of any size.
+
+        The result is reused while the graph is unchanged: the cache key is :func:`structure_key`, built
+        from everything that export writes for shape inference (nodes, names, attributes, types, small
+        constant values, big constants' types and dims, opsets), so a mutation made without
+        :meth:`invalidate` is still seen. The returned dict is the caller's; its protos are shared
+        (read-only)."""
         from .shapes import value_infos  # local import: shapes imports ir
 
-        return value_infos(self.to_proto(value_info="drop", weights=False))
+        key = structure_key(self)
+        if key is not None and self._infos is not None:
+            try:
+                hit = self._infos[0] == key
+            except Exception:  # noqa: BLE001 - an attribute type whose comparison raises: recompute
+                hit = False
+            if hit:
+                return dict(self._infos[1])
+        infos = value_infos(self.to_proto(value_info="drop", weights=False))
+        self._infos = (key, infos) if key is not None else None
+        return dict(infos)
 
     def to_proto(self, *, value_info: str = "infer", weights: bool = True,
                  pending: list | None = None) -> onnx.ModelProto:
@@ -648,7 +667,7 @@ class Model:
         if value_info == "infer":
             from .shapes import infer_shapes  # local import: shapes imports ir
 
-            proto = infer_shapes(proto, strict=False)
+            proto = infer_shapes(proto, strict=False, in_place=True)  # the proto is this call's own
         return proto
 
     def fingerprint(self) -> str:
@@ -703,6 +722,96 @@ STUB_BYTES = 1024
 
 
 PENDING = "<pending:"
+
+
+class _Unkeyable(Exception):
+    """A value :func:`structure_key` has no cheap exact key for (the caller does not cache)."""
+
+
+def _constant_key(c: gs.Constant) -> tuple:
+    """What an export without weights writes for a constant: small payloads by value, the ones
+    :func:`_stub_large_constants` stubs by type and dims only."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    values = c._values
+    export_dtype = getattr(c, "_export_dtype", None)
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "OSUV" and values.dtype.type.__module__ == "numpy":
+            raise _Unkeyable  # strings (packed at export), structured types
+        if values.nbytes <= STUB_BYTES:
+            return ("a", c.name, values.dtype, values.shape, values.tobytes(), export_dtype)
+        if (export_dtype is not None and np.dtype(export_dtype) != values.dtype) or \
+                values.dtype.kind not in "biufc" or values.dtype.type.__module__ != "numpy":
+            raise _Unkeyable  # exported with its payload
+        return ("stub", c.name, values.dtype, values.shape)
+    if isinstance(values, LazyValues) and isinstance(values.tensor, onnx.TensorProto):
+        src = values.tensor
+        if src.HasField("raw_data") and src.data_location != onnx.TensorProto.EXTERNAL and \
+                len(src.raw_data) > STUB_BYTES:
+            return ("stub", c.name, src.data_type, tuple(src.dims), export_dtype)
+        if src.ByteSize() <= 4 * STUB_BYTES:
+            return ("p", c.name, src.SerializeToString(deterministic=True), export_dtype)
+    raise _Unkeyable
+
+
+_PLAIN = (int, float, str, bytes, bool, type(None), np.generic)
+
+
+def _graph_key(graph: gs.Graph, memo: dict[int, tuple]) -> list:
+    def tensor(t: gs.Tensor) -> tuple:
+        found = memo.get(id(t))
+        if found is None:
+            if isinstance(t, gs.Constant):
+                found = _constant_key(t)
+            else:
+                shape = t.shape
+                found = ("v", t.name, t.dtype, tuple(shape) if shape is not None else None,
+                         getattr(t, "type", "tensor_type"))
+            memo[id(t)] = found
+        return found
+
+    def attr(value):
+        if isinstance(value, _PLAIN):
+            return value
+        if isinstance(value, (list, tuple)):
+            items = tuple(value)
+            if all(type(v) is int for v in items):  # noqa: E721 - the common case (pads, strides, perm)
+                return items
+            return tuple(attr(v) for v in items)
+        if isinstance(value, gs.Constant):
+            return _constant_key(value)
+        if isinstance(value, gs.Graph):
+            return ("g", _graph_key(value, memo))
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+            return ("nd", value.dtype, value.shape, value.tobytes())
+        raise _Unkeyable
+
+    key: list = [graph.name, getattr(graph, "opset", None), tuple(map(tensor, graph.inputs)),
+                 tuple(map(tensor, graph.outputs))]
+    for node in graph.nodes:
+        key.append((node.op, node.domain, node.name, tuple(map(tensor, node.inputs)),
+                    tuple(map(tensor, node.outputs)), tuple((k, attr(v)) for k, v in node.attrs.items())))
+    return key
+
+
+def structure_key(model: "Model") -> list | None:
+    """A value equal for two states of ``model`` exactly when its export without weights
+    (``to_proto(value_info="drop", weights=False)``) is the same for shape inference: every node
+    (op, domain, name, attributes, inputs and outputs in order), every tensor's name, type and dims,
+    small constants' bytes, and the model-level fields export writes. Compare with ``==`` (nothing in
+    it is an object id, so it holds no objects alive). None for models it does not cover exactly
+    (local functions, string constants, attribute types it does not know): do not cache those."""
+    if getattr(model.graph, "functions", None):
+        return None
+    meta = model.meta
+    try:
+        graph = _graph_key(model.graph, {})
+    except _Unkeyable:
+        return None
+    return [meta.ir_version, dict(meta.opset_imports), list(meta.initializer_inputs), list(meta.input_order),
+            dict(meta.special_types), {k: list(v) for k, v in meta.type_attrs.items()},
+            dict(meta.node_doc_strings),
+            [(d.domain, d.version) for d in getattr(model.graph, "import_domains", None) or []], graph]
 
 
 def _stub_large_constants(graph: gs.Graph, pending: list | None = None) -> list:

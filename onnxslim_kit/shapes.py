@@ -52,11 +52,12 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
-                 outputs: bool = False) -> onnx.ModelProto:
+                 outputs: bool = False, in_place: bool = False) -> onnx.ModelProto:
     """Return ``model`` with ``value_info`` filled in by onnx shape inference (weights untouched).
 
     Declared graph-output types are kept unless ``outputs`` is true (then the inferred ones replace
-    them: declarations can be wrong, FIELD-NOTES 5)."""
+    them: declarations can be wrong, FIELD-NOTES 5). ``in_place``: fill in ``model`` itself and return
+    it, instead of a copy with all its weights (for a proto the caller has just built)."""
     light = light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=strict,
@@ -66,8 +67,11 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
             raise
         logger.info("shape inference failed, keeping the model's annotations: %s", exc)
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if in_place:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     known = {vi.name for vi in out.graph.input} | {vi.name for vi in out.graph.output}
     del out.graph.value_info[:]
     for vi in inferred.graph.value_info:
