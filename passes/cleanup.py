@@ -91,7 +91,10 @@ class FoldConstants(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         stats = {"constants_folded": 0, "shapes_folded": 0, "constant_nodes_to_initializers": 0}
-        shapes = _static_shapes(model) if self.fold_shapes else {}
+        # Shapes are read for Shape/Size nodes only (and a Gather reading a Shape): a graph without
+        # them skips the shape inference.
+        wanted = self.fold_shapes and any(n.op in ("Shape", "Size") for n in model.nodes)
+        shapes = _static_shapes(model) if wanted else {}
         outer = model.outer_scope_names()
         doomed: list[gs.Node] = []
         for node in list(model.nodes):
@@ -565,13 +568,18 @@ class Cleanup(Pass):
         skipped: dict[tuple[str, str], None] = {}
         warnings: list[str] = []
         modified = False
+        ordered = False
         rounds = 0
         for rounds in range(1, self.max_rounds + 1):
             changed = False
             for step in self.steps():
                 result = step.run(model, ctx)
                 model = result.model
-                model.toposort()
+                # After the first step the graph is in order; a step that reports no change left it as
+                # it was (the Pass contract), so only a modifying step needs the sort again.
+                if result.modified or not ordered:
+                    model.toposort()
+                    ordered = True
                 changed |= result.modified
                 for key, value in result.stats.items():
                     if isinstance(value, (int, float)):
