@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -55,7 +56,7 @@ def _default_dims(dims: list) -> list[int]:
 
 
 def _tensor_elems(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims)) if len(t.dims) else 1
+    return math.prod(t.dims)  # 1 for a scalar (no dims)
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -90,7 +91,7 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
         shaped = pin_input_shapes(shaped, {**assumed, **pinned})
     for out in shaped.graph.output:  # declared output shapes may be symbolic or wrong: infer them
         out.type.tensor_type.ClearField("shape")
-    inferred = infer_shapes(shaped, outputs=True)
+    inferred = infer_shapes(shaped, outputs=True, in_place=True)  # shaped is this call's copy
     shapes: dict[str, list] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[vi.name] = input_dims(vi)
