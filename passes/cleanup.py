@@ -16,6 +16,7 @@ read from the outer graph are never removed or renamed.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 from typing import Any
@@ -459,11 +460,18 @@ class MergeInitializers(Pass):
         groups: dict[Any, gs.Constant] = {}
         merged = saved = 0
         overridable = set(model.meta.initializer_inputs)
+        candidates = []
         for name, t in list(model.tensors().items()):
             if not isinstance(t, gs.Constant) or name in overridable or model.is_graph_input(t) \
                     or model.is_graph_output(t):
                 continue
             arr = np.asarray(t.values)
+            candidates.append((t, arr))
+        # Only tensors that share dtype and shape with another can be merged: hash those alone.
+        alike = collections.Counter((arr.dtype.str, arr.shape) for _, arr in candidates)
+        for t, arr in candidates:
+            if alike[(arr.dtype.str, arr.shape)] < 2:
+                continue
             key = (arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).digest())
             keeper = groups.get(key)
             if keeper is None:
