@@ -18,6 +18,7 @@ import heapq
 import logging
 import mmap
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -1096,6 +1097,9 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise InputError(f"{path}: output folder {dest.parent} does not exist")
     if external_data is None:
         external_data = runtime.model_bytes_estimate(proto) >= runtime.PROTO_LIMIT
+    if not external_data:
+        _save_single_file(proto.SerializeToString(deterministic=True), dest, verify)
+        return
     tmp = tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     try:
         tmp_model = os.path.join(tmp, dest.name)
@@ -1118,6 +1122,34 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
         os.replace(tmp_model, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_single_file(data: bytes, dest: Path, verify: Callable[[str], None] | None) -> None:
+    """:func:`save_proto` of a model without external data: a temporary file beside ``dest``, fsynced,
+    verified, renamed. (A temporary folder, needed only to keep a model and its data file together,
+    measured ~8 ms more a save on this machine's ext4: the fsync of a file in a new folder commits the
+    journal, and the rename and the folder's removal wait for it.) The file is created like any other
+    (permissions from the umask), exclusively, under a name no other file has."""
+    for _ in range(100):
+        tmp_model = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            fh = open(tmp_model, "xb")
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise InputError(f"{dest}: cannot create a temporary file in {dest.parent}")
+    try:
+        with fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if verify is not None:
+            verify(str(tmp_model))
+        os.replace(tmp_model, dest)
+    finally:
+        if os.path.lexists(tmp_model):
+            os.unlink(tmp_model)
 
 
 WRITE_CHUNK = 64 * 2**20

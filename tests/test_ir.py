@@ -298,3 +298,16 @@ def test_ir_value_infos_cache_follows_mutations_made_without_invalidate(monkeypa
     x = np.arange(12, dtype=np.float32).reshape(1, 12)
     expected = np.maximum(x.reshape(4, 3), 0) @ np.ones((3, 100), np.float32)
     np.testing.assert_allclose(run_model(out, {"x": x})[0], expected, rtol=1e-6)
+
+
+def test_ir_save_single_file_leaves_no_temp_and_ordinary_permissions(tmp_path):
+    dst = tmp_path / "out.onnx"
+    dst.write_bytes(b"previous")
+    save_proto(conv_bn_relu(), dst)  # no external data: a temporary file beside it, renamed
+    assert os.listdir(tmp_path) == ["out.onnx"]
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"")
+    assert os.stat(dst).st_mode & 0o777 == os.stat(ordinary).st_mode & 0o777  # not mkstemp's 0600
+    out = load_proto(dst)
+    onnx.checker.check_model(out, full_check=True)
+    assert_parity(conv_bn_relu(), out, {"x": np.ones((2, 3, 8, 8), np.float32)})
