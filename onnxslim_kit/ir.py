@@ -421,6 +421,13 @@ class Model:
             self._tensor_map = self.graph.tensors(check_duplicates=False)
         return self._tensor_map
 
+    def has_node(self, node: gs.Node) -> bool:
+        """``node in self.graph.nodes``, looked up by identity first: graphsurgeon's ``Node.__eq__``
+        compares names, attributes and tensors (and formats a log line) for every node before it in
+        the list. Falls back to that comparison when the node itself is not there."""
+        nodes = self.graph.nodes
+        return any(n is node for n in nodes) or node in nodes
+
     def node_by_name(self, name: str) -> gs.Node | None:
         for node in self.graph.nodes:
             if node.name == name:

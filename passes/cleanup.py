@@ -292,7 +292,7 @@ class FoldBatchNorm(Pass):
         folded = 0
         shapes: dict[str, list[int | None]] = {}  # filled on first need (one shape inference per run)
         for bn in list(model.nodes):
-            if bn.op != "BatchNormalization" or bn not in model.nodes:
+            if bn.op != "BatchNormalization" or not model.has_node(bn):
                 continue
             prod = model.producer(bn.inputs[0])
             if prod is None or prod.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -461,9 +461,9 @@ class MergeInitializers(Pass):
         merged = saved = 0
         overridable = set(model.meta.initializer_inputs)
         candidates = []
+        interface = {id(t) for t in model.graph.inputs} | {id(t) for t in model.graph.outputs}
         for name, t in list(model.tensors().items()):
-            if not isinstance(t, gs.Constant) or name in overridable or model.is_graph_input(t) \
-                    or model.is_graph_output(t):
+            if not isinstance(t, gs.Constant) or name in overridable or id(t) in interface:
                 continue
             arr = np.asarray(t.values)
             candidates.append((t, arr))
