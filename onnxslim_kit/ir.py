@@ -1087,14 +1087,16 @@ def _kahn(nodes: list[gs.Node]) -> list[gs.Node]:
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
-               verify: Callable[[str], None] | None = None, pending: list | None = None) -> None:
+               verify: Callable[[str], None] | None = None, pending: list | None = None,
+               serialized: bytes | None = None) -> None:
     """Write atomically: into a temporary folder beside the destination, then rename into place.
 
     ``external_data=None`` stores weights in ``<name>.data`` only when the model is above 2 GB.
     ``verify(tmp_model_path)`` runs on the complete written model before the rename (the parity gate
     builds its session from it); if it raises, nothing is written. ``pending``: payloads of the
     ``<pending:i>`` stubs of :meth:`Model.to_proto` (then ``proto`` is consumed: its stubs are
-    rewritten in place).
+    rewritten in place). ``serialized``: ``proto.SerializeToString(deterministic=True)`` when the caller
+    has it already (written as is; the model is then saved without external data).
     An interrupted or failed write never leaves a half-written file or replaces an existing one.
     """
     dest = Path(path).resolve()
@@ -1102,6 +1104,11 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise InputError(f"{path}: is a directory, expected an output .onnx file path")
     if not dest.parent.is_dir():
         raise InputError(f"{path}: output folder {dest.parent} does not exist")
+    if serialized is not None:
+        if external_data:
+            raise ValueError("save_proto: serialized bytes are written without external data")
+        _save_single_file(serialized, dest, verify)
+        return
     if external_data is None:
         external_data = runtime.model_bytes_estimate(proto) >= runtime.PROTO_LIMIT
     if not external_data:

@@ -171,11 +171,13 @@ def shapes_known(shapes: dict[str, list]) -> set[str]:
     return {k for k, v in shapes.items() if _known(v)}
 
 
-def disk_bytes(path: str | os.PathLike) -> int:
-    """Bytes a saved model occupies: the .onnx file plus the external-data files it references."""
+def disk_bytes(path: str | os.PathLike, *, header: onnx.ModelProto | None = None) -> int:
+    """Bytes a saved model occupies: the .onnx file plus the external-data files it references.
+    ``header``: the file's model as loaded without its external data, when the caller has it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    header = onnx.load_model(path, load_external_data=False)
+    if header is None:
+        header = onnx.load_model(path, load_external_data=False)
     locations = {e.value for t in iter_model_tensors(header) for e in t.external_data if e.key == "location"}
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
                                        if os.path.isfile(os.path.join(folder, loc)))

@@ -346,7 +346,7 @@ def _session(model: Any, *, optimize: bool, threads: int | None):
     built from that path (its weights are never serialized into one in-memory protobuf). Parity
     sessions run without onnxruntime's memory arena (freed tensors, e.g. dequantized weights, are
     returned instead of kept)."""
-    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto, bytes)):
         return make_session(model, optimize=optimize, threads=threads, mem_arena=False)
     meta = getattr(model, "meta", None)
     if meta is not None and getattr(meta, "external_data", False):
@@ -456,8 +456,8 @@ class ParityChecker:
         return ParityReport(outputs, tolerance, batches, self.data.source, error=error)
 
     def check(self, candidate: Any, tolerance: Tolerance) -> ParityReport:
-        """Run ``candidate`` (a proto, a saved model's path or an ``ir.Model``; default onnxruntime
-        optimizations) on every batch and compare outputs."""
+        """Run ``candidate`` (a proto, its serialized bytes, a saved model's path or an ``ir.Model``;
+        default onnxruntime optimizations) on every batch and compare outputs."""
         refs = self.reference_outputs
         try:
             session = _session(candidate, optimize=True, threads=self.threads)
