@@ -52,13 +52,14 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
-                 outputs: bool = False, in_place: bool = False) -> onnx.ModelProto:
+                 outputs: bool = False, in_place: bool = False, stripped: bool = False) -> onnx.ModelProto:
     """Return ``model`` with ``value_info`` filled in by onnx shape inference (weights untouched).
 
     Declared graph-output types are kept unless ``outputs`` is true (then the inferred ones replace
     them: declarations can be wrong, FIELD-NOTES 5). ``in_place``: fill in ``model`` itself and return
-    it, instead of a copy with all its weights (for a proto the caller has just built)."""
-    light = light_copy(model)
+    it, instead of a copy with all its weights (for a proto the caller has just built). ``stripped``:
+    ``model`` is a :func:`light_copy` already (inferred as it is, not copied again)."""
+    light = model if stripped else light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=strict,
                                                      data_prop=data_prop)
