@@ -311,3 +311,20 @@ def test_ir_save_single_file_leaves_no_temp_and_ordinary_permissions(tmp_path):
     out = load_proto(dst)
     onnx.checker.check_model(out, full_check=True)
     assert_parity(conv_bn_relu(), out, {"x": np.ones((2, 3, 8, 8), np.float32)})
+
+
+def test_ir_export_without_value_info_leaves_tensor_types_in_place():
+    proto = conv_bn_relu()
+    proto.graph.value_info.append(helper.make_tensor_value_info("conv_out", FLOAT, ["N", 8, 8, 8]))
+    model = Model.from_proto(proto)
+    typed = {t.name: (t.dtype, t.shape) for t in model.tensors().values()
+             if isinstance(t, gs.Variable) and t.dtype is not None}
+    assert "conv_out" in typed  # an intermediate tensor with a declared type
+    dropped = model.to_proto(value_info="drop")
+    assert not dropped.graph.value_info  # nothing declared for intermediates...
+    assert {t.name: (t.dtype, t.shape) for t in model.tensors().values() if t.name in typed} == typed  # ...types kept
+    kept = model.to_proto(value_info="keep")
+    assert "conv_out" in {vi.name for vi in kept.graph.value_info}
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    assert_parity(conv_bn_relu(), out, {"x": np.ones((2, 3, 8, 8), np.float32)})
