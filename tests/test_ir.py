@@ -328,3 +328,22 @@ def test_ir_export_without_value_info_leaves_tensor_types_in_place():
     out = model.to_proto()
     onnx.checker.check_model(out, full_check=True)
     assert_parity(conv_bn_relu(), out, {"x": np.ones((2, 3, 8, 8), np.float32)})
+
+
+def test_ir_tensor_map_matches_graphsurgeon_tensors():
+    from onnxslim_kit.ir import tensor_map
+
+    nodes = [helper.make_node("Clip", ["x", "", "hi"], ["c"], name="clip"),  # omitted optional input
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    proto = make_model(nodes, [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])],
+                       [init("hi", np.array(6.0, np.float32))])
+    graph = Model.from_proto(proto).graph
+    graph.nodes[1].inputs.append(gs.Variable("c"))  # a distinct tensor sharing a name: the last one wins
+    expected = [(name, id(t)) for name, t in graph.tensors(check_duplicates=False).items()]
+    assert [(name, id(t)) for name, t in tensor_map(graph).items()] == expected
+    assert [name for name, _ in expected] == ["x", "hi", "c", "y"]
+    graph.nodes[1].inputs.pop()
+    out = Model(graph, Model.from_proto(proto).meta).to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    x = np.linspace(-8, 8, 6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(run_model(out, {"x": x})[0], np.clip(x, 0, 6))
