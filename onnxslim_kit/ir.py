@@ -577,7 +577,7 @@ class Model:
         self.invalidate()
 
     # -- export --------------------------------------------------------------------------------
-    def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
+    def value_infos(self, *, export: onnx.ModelProto | None = None) -> dict[str, onnx.ValueInfoProto]:
         """Types and shapes of every value (onnx shape inference on the model as declared, no pinned
         dims), computed on an export without weight payloads: passes call this on models of any size.
 
@@ -585,7 +585,10 @@ class Model:
         from everything that export writes for shape inference (nodes, names, attributes, types, small
         constant values, big constants' types and dims, opsets), so a mutation made without
         :meth:`invalidate` is still seen. The returned dict is the caller's; its protos are shared
-        (read-only)."""
+        (read-only). ``export``: ``to_proto(value_info="drop")`` of the model as it is now, when the
+        caller has it: inferred on instead of a second, weight-free export (the same types: inference
+        sets aside the big weights it holds exactly as the weight-free export stubs them).
+        """
         from .shapes import value_infos  # local import: shapes imports ir
 
         key = structure_key(self)
@@ -596,7 +599,7 @@ class Model:
                 hit = False
             if hit:
                 return dict(self._infos[1])
-        infos = value_infos(self.to_proto(value_info="drop", weights=False))
+        infos = value_infos(export if export is not None else self.to_proto(value_info="drop", weights=False))
         self._infos = (key, infos) if key is not None else None
         return dict(infos)
 

@@ -1224,7 +1224,9 @@ class QuantizeInt8(Pass):
         compute = self._select(model, skipped)
         if not compute:
             return None
-        infos = model.value_infos()
+        # The calibration model; nothing below changes the graph, so its types come from it too.
+        proto = model.to_proto(value_info="drop")
+        infos = model.value_infos(export=proto)
 
         def is_float(t: gs.Tensor) -> bool:
             return elem_type(infos, t.name) == TensorProto.FLOAT
@@ -1265,9 +1267,8 @@ class QuantizeInt8(Pass):
                 selected.add(id(node))  # x * c (c > 0): the same integers, read with scale * c
                 produced.add(node.outputs[0].name)
         nodes = [n for n in model.nodes if id(n) in selected]
-        plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": None}
+        plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": proto}
         tensors = self._tensors(model, nodes, self._fold_pairs(model, nodes))
-        plan["proto"] = model.to_proto(value_info="drop")
         collector = _RangeCollector(plan["proto"], sorted(tensors), infos, ctx.calibration, ctx.track, self.calibration,
                                     self.percentile, self.activation_type)
         ranges = collector.ranges()
