@@ -555,14 +555,16 @@ class Model:
 
     def cleanup(self) -> dict[str, int]:
         """Remove dead nodes and unused initializers/tensors (graph inputs are kept)."""
-        nodes_before = sum(len(g.nodes) for g in _all_graphs(self.graph))
-        inits_before = _count_initializers(self.graph)
+        graphs = list(_all_graphs(self.graph))
+        nodes_before = sum(len(g.nodes) for g in graphs)
+        inits_before = _count_initializers(graphs)
         self.graph.cleanup(remove_unused_node_outputs=False, recurse_subgraphs=True,
                            remove_unused_graph_inputs=False, recurse_functions=True)
         self.invalidate()
+        graphs = list(_all_graphs(self.graph))
         return {
-            "dead_nodes_removed": nodes_before - sum(len(g.nodes) for g in _all_graphs(self.graph)),
-            "unused_initializers_removed": inits_before - _count_initializers(self.graph),
+            "dead_nodes_removed": nodes_before - sum(len(g.nodes) for g in graphs),
+            "unused_initializers_removed": inits_before - _count_initializers(graphs),
         }
 
     def toposort(self) -> None:
@@ -1037,9 +1039,10 @@ def _restore_initializer_inputs(proto: onnx.ModelProto, meta: ModelMeta) -> None
     proto.graph.input.extend(ordered)
 
 
-def _count_initializers(graph: gs.Graph) -> int:
+def _count_initializers(graphs: list[gs.Graph]) -> int:
+    """Constant tensors of ``graphs`` (a graph and its subgraphs, from :func:`_all_graphs`)."""
     total = 0
-    for g in _all_graphs(graph):
+    for g in graphs:
         total += sum(1 for t in tensor_map(g).values() if isinstance(t, gs.Constant))
     return total
 
