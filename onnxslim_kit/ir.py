@@ -613,33 +613,36 @@ class Model:
         shape inference only; the result cannot run). With a ``pending`` list, the stubs are
         numbered and their payloads (arrays or bytes) appended to it, for :func:`write_external_data`."""
         patched = []
+        hidden = []
         stubbed = [] if weights and pending is None else _stub_large_constants(self.graph, pending)
-        graphs = list(_all_graphs(self.graph))
-        if value_info != "keep" and len(graphs) == 1 and not self.meta.special_types:
-            # The main graph's value_info is dropped below: graphsurgeon need not build it (one
-            # ValueInfoProto per typed intermediate tensor). Only without subgraphs, whose value_info
-            # is kept and may describe the same (outer-scope) tensors.
-            interface = {id(t) for t in self.graph.inputs} | {id(t) for t in self.graph.outputs}
-            for t in tensor_map(self.graph).values():
-                if isinstance(t, gs.Variable) and id(t) not in interface and \
-                        (t.dtype is not None or t.shape is not None):
-                    patched.append((t, t.type, t.dtype, t.shape))
-                    t.dtype, t.shape = None, None
-        for graph in graphs:
-            _pack_string_constants(graph)
-            if not self.meta.special_types:
-                continue
-            for t in tensor_map(graph).values():
-                if isinstance(t, gs.Variable) and (
-                        getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")
-                        or isinstance(t.dtype, onnx.TypeProto)):
-                    patched.append((t, t.type, t.dtype, t.shape))
-                    t.type, t.dtype = "tensor_type", None  # placeholder; the real type is restored below
         try:
+            graphs = list(_all_graphs(self.graph))
+            if value_info != "keep" and len(graphs) == 1 and not self.meta.special_types:
+                # The main graph's value_info is dropped below: graphsurgeon need not build it (one
+                # ValueInfoProto per typed intermediate tensor). Only without subgraphs, whose value_info
+                # is kept and may describe the same (outer-scope) tensors.
+                interface = {id(t) for t in self.graph.inputs} | {id(t) for t in self.graph.outputs}
+                for t in tensor_map(self.graph).values():
+                    if isinstance(t, gs.Variable) and id(t) not in interface and \
+                            (t.dtype is not None or t.shape is not None):
+                        hidden.append((t, t.dtype, t.shape))
+                        t.dtype, t.shape = None, None
+            for graph in graphs:
+                _pack_string_constants(graph)
+                if not self.meta.special_types:
+                    continue
+                for t in tensor_map(graph).values():
+                    if isinstance(t, gs.Variable) and (
+                            getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")
+                            or isinstance(t.dtype, onnx.TypeProto)):
+                        patched.append((t, t.type, t.dtype))
+                        t.type, t.dtype = "tensor_type", None  # placeholder; the real type is restored below
             proto = gs.export_onnx(self.graph, do_type_check=False)
         finally:
-            for t, kind, dtype, shape in patched:
-                t.type, t.dtype, t.shape = kind, dtype, shape
+            for t, dtype, shape in hidden:
+                t.dtype, t.shape = dtype, shape
+            for t, kind, dtype in patched:
+                t.type, t.dtype = kind, dtype
             for c, values in stubbed:
                 c._values = values
         if self.meta.special_types:
