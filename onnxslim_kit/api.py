@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable
 
 import onnx
 
-from .calibration import CalibrationData, input_specs, load_calibration
 from . import runtime
+from .calibration import CalibrationData, input_specs, load_calibration
 from .errors import InputError, ParityError
 from .ir import Model, has_external_data, load_proto, save_proto
 from .metrics import ModelStats, disk_bytes, model_stats
