@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import onnx
 
+from . import runtime
 from .calibration import CalibrationData, input_specs, load_calibration
 from .errors import InputError, ParityError
 from .ir import Model, has_external_data, load_proto, save_proto
@@ -39,7 +40,9 @@ def _load(model: str | os.PathLike | onnx.ModelProto, *, weights: bool = True
         return "<memory>", model, None
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
-        return path, load_proto(path, load_external_data=weights), disk_bytes(path)
+        proto = load_proto(path, load_external_data=weights)
+        # Without its weights loaded the proto still names its external-data files: no second parse.
+        return path, proto, disk_bytes(path, header=None if weights else proto)
     raise InputError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")
 
 
@@ -178,6 +181,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     final_tol = _tolerance(pipeline.tolerance, tolerance)
     written = False
     after_bytes = None
+    serialized = None
     if streamed:
         result.release_pages()
         parity, out_proto = None, None
@@ -204,7 +208,15 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
             after_bytes = result.weight_bytes()
     else:
         out_proto = result.to_proto()
-        parity = checker.check(out_proto, final_tol) if checker is not None else None
+        # Serialized once: the parity session is built from these bytes and the file is written from
+        # them (each was a serialization of its own, plus a size walk).
+        if (checker is not None or output is not None) and \
+                runtime.model_bytes_estimate(out_proto) < runtime.PROTO_LIMIT:
+            serialized = out_proto.SerializeToString(deterministic=True)
+        parity = checker.check(out_proto if serialized is None else serialized, final_tol) \
+            if checker is not None else None
+        if serialized is not None:
+            after_bytes = len(serialized)  # = out_proto.ByteSize(), what the stats would compute
     found = None
     if parity is not None and not parity.ok and locate:
         found = checker.locate(out_proto, final_tol)
@@ -222,7 +234,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
         failing = "; ".join(parity.failures()) or (parity.error or "unknown")
         raise ParityError(f"{label}: parity check failed ({failing}); nothing written", report=report)
     if output is not None and not written:
-        save_proto(out_proto, output)
+        save_proto(out_proto, output, serialized=serialized)
         written = True
         report.after.bytes = disk_bytes(output)
     report.written = written

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -55,7 +56,7 @@ def _default_dims(dims: list) -> list[int]:
 
 
 def _tensor_elems(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims)) if len(t.dims) else 1
+    return math.prod(t.dims)  # 1 for a scalar (no dims)
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -78,6 +79,34 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
         file_bytes = model.ByteSize() if estimate < runtime.PROTO_LIMIT else estimate
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    macs_per_node, unresolved, assumed = _macs(model, real_inputs, input_shapes, observe)
+    hist = collections.Counter(n.op_type for n in model.graph.node)
+    return ModelStats(
+        nodes=len(model.graph.node),
+        op_histogram=dict(sorted(hist.items())),
+        params=count_params(model),
+        macs=int(sum(macs_per_node.values())),
+        macs_per_node=macs_per_node,
+        bytes=int(file_bytes),
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
+        inputs={vi.name: input_dims(vi) for vi in real_inputs},
+        outputs={vi.name: input_dims(vi) for vi in model.graph.output},
+        unresolved=unresolved,
+        assumed_shapes=assumed,
+    )
+
+
+def model_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, *,
+               observe: bool = True) -> tuple[dict[str, int], list[str]]:
+    """``(macs per node, unresolved nodes)`` exactly as :func:`model_stats` counts them, without the
+    other figures (parameter count, size, histogram)."""
+    init_names = {t.name for t in model.graph.initializer}
+    real_inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    macs_per_node, unresolved, _ = _macs(model, real_inputs, input_shapes, observe)
+    return macs_per_node, unresolved
+
+
+def _macs(model: onnx.ModelProto, real_inputs: list, input_shapes, observe: bool):
     pinned = dict(input_shapes or {})
     assumed = {}
     for vi in real_inputs:
@@ -90,14 +119,19 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
         shaped = pin_input_shapes(shaped, {**assumed, **pinned})
     for out in shaped.graph.output:  # declared output shapes may be symbolic or wrong: infer them
         out.type.tensor_type.ClearField("shape")
-    inferred = infer_shapes(shaped, outputs=True)
+    inferred = infer_shapes(shaped, outputs=True, in_place=True, stripped=True)  # shaped: this call's copy
+    # Only the values counted nodes read or write need shapes (node_macs reads nothing else).
+    needed = {t for node in inferred.graph.node if node.op_type in _COUNTED
+              for t in list(node.input) + list(node.output)}
     shapes: dict[str, list] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        shapes[vi.name] = input_dims(vi)
+        if vi.name in needed:
+            shapes[vi.name] = input_dims(vi)
     for t in inferred.graph.initializer:
-        shapes[t.name] = list(t.dims)
+        if t.name in needed:
+            shapes[t.name] = list(t.dims)
     for node in inferred.graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and node.output[0] in needed:
             for a in node.attribute:
                 if a.name == "value":
                     shapes[node.output[0]] = list(a.t.dims)
@@ -113,20 +147,7 @@ def model_stats(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[s
     if unresolved and observe:
         macs_per_node, unresolved = _resolve_by_running(model, inferred, shapes, {**assumed, **pinned},
                                                         macs_per_node, unresolved)
-    hist = collections.Counter(n.op_type for n in model.graph.node)
-    return ModelStats(
-        nodes=len(model.graph.node),
-        op_histogram=dict(sorted(hist.items())),
-        params=count_params(model),
-        macs=int(sum(macs_per_node.values())),
-        macs_per_node=macs_per_node,
-        bytes=int(file_bytes),
-        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
-        inputs={vi.name: input_dims(vi) for vi in real_inputs},
-        outputs={vi.name: input_dims(vi) for vi in model.graph.output},
-        unresolved=unresolved,
-        assumed_shapes=assumed,
-    )
+    return macs_per_node, unresolved, assumed
 
 
 def _resolve_by_running(model, inferred, shapes, feed_shapes, macs_per_node, unresolved):
@@ -170,11 +191,13 @@ def shapes_known(shapes: dict[str, list]) -> set[str]:
     return {k for k, v in shapes.items() if _known(v)}
 
 
-def disk_bytes(path: str | os.PathLike) -> int:
-    """Bytes a saved model occupies: the .onnx file plus the external-data files it references."""
+def disk_bytes(path: str | os.PathLike, *, header: onnx.ModelProto | None = None) -> int:
+    """Bytes a saved model occupies: the .onnx file plus the external-data files it references.
+    ``header``: the file's model as loaded without its external data, when the caller has it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    header = onnx.load_model(path, load_external_data=False)
+    if header is None:
+        header = onnx.load_model(path, load_external_data=False)
     locations = {e.value for t in iter_model_tensors(header) for e in t.external_data if e.key == "location"}
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations
                                        if os.path.isfile(os.path.join(folder, loc)))

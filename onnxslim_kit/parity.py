@@ -23,13 +23,14 @@ bug), the candidate with the defaults users run.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -346,7 +347,7 @@ def _session(model: Any, *, optimize: bool, threads: int | None):
     built from that path (its weights are never serialized into one in-memory protobuf). Parity
     sessions run without onnxruntime's memory arena (freed tensors, e.g. dequantized weights, are
     returned instead of kept)."""
-    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto, bytes)):
         return make_session(model, optimize=optimize, threads=threads, mem_arena=False)
     meta = getattr(model, "meta", None)
     if meta is not None and getattr(meta, "external_data", False):
@@ -355,6 +356,28 @@ def _session(model: Any, *, optimize: bool, threads: int | None):
             model.save(path, external_data=True)
             return make_session(path, optimize=optimize, threads=threads, mem_arena=False)
     return make_session(_as_proto(model), optimize=optimize, threads=threads, mem_arena=False)
+
+
+def _read_ahead(feeds: Iterable, budget: int) -> Iterator:
+    """``feeds`` in order, the first ones (up to ``budget`` bytes) read at once. Calibration data keeps
+    its feeds after one complete pass: read by the background reference at its start, they are there
+    for the pass that calibrates in the main thread meanwhile, which otherwise read the files again
+    (measured ~1.5 ms a run of det_head_tiny's .npz on the main thread)."""
+    source = iter(feeds)
+    head: collections.deque = collections.deque()
+    size = 0
+    for feed in source:
+        head.append(feed)
+        size += sum(getattr(a, "nbytes", 0) for a in feed.values())
+        if size > budget:
+            break
+
+    def gen():
+        while head:
+            yield head.popleft()
+        yield from source
+
+    return gen()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -407,7 +430,7 @@ class ParityChecker:
 
         def work():
             try:
-                box["outputs"] = self._compute_reference(track=False)
+                box["outputs"] = self._compute_reference(track=False, read_ahead=True)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 box["error"] = exc
 
@@ -434,9 +457,11 @@ class ParityChecker:
             self._ref_outputs = self._compute_reference(track=True)
         return self._ref_outputs
 
-    def _compute_reference(self, *, track: bool) -> list[dict[str, np.ndarray]]:
+    def _compute_reference(self, *, track: bool, read_ahead: bool = False) -> list[dict[str, np.ndarray]]:
         outs = []
         feeds = self._track(self.data, "parity: reference") if track else self.data
+        if read_ahead:
+            feeds = _read_ahead(feeds, getattr(self.data, "CACHE_BYTES", 0))
         for i, feed in enumerate(feeds):
             try:
                 values = self._ref_session.run(self.output_names, feed)
@@ -456,8 +481,8 @@ class ParityChecker:
         return ParityReport(outputs, tolerance, batches, self.data.source, error=error)
 
     def check(self, candidate: Any, tolerance: Tolerance) -> ParityReport:
-        """Run ``candidate`` (a proto, a saved model's path or an ``ir.Model``; default onnxruntime
-        optimizations) on every batch and compare outputs."""
+        """Run ``candidate`` (a proto, its serialized bytes, a saved model's path or an ``ir.Model``;
+        default onnxruntime optimizations) on every batch and compare outputs."""
         refs = self.reference_outputs
         try:
             session = _session(candidate, optimize=True, threads=self.threads)

@@ -39,13 +39,21 @@ def register_pass(cls: type) -> type:
     return cls
 
 
+_builtins_loaded = False
+
+
 def load_builtin_passes() -> None:
+    """Import the built-in pass modules (once: the cleanup pipeline looks up its steps every round)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
     for module in BUILTIN_PASS_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    _builtins_loaded = True
 
 
 def available_passes() -> dict[str, type]:
@@ -54,10 +62,11 @@ def available_passes() -> dict[str, type]:
 
 
 def get_pass(name: str) -> type:
-    passes = available_passes()
-    if name not in passes:
-        raise InputError(f"unknown pass '{name}' (available: {', '.join(passes) or 'none'})")
-    return passes[name]
+    load_builtin_passes()
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise InputError(f"unknown pass '{name}' (available: {', '.join(available_passes()) or 'none'})")
+    return cls
 
 
 @dataclass(frozen=True)

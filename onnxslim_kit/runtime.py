@@ -136,16 +136,18 @@ def session_options(*, optimize: bool = True, threads: int | None = None,
     return opts
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True,
+def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize: bool = True,
                  threads: int | None = None, optimized_model_path: str | None = None,
                  mem_arena: bool = True) -> ort.InferenceSession:
-    """Build a CPU session. A path is handed to onnxruntime as is (it reads external data itself);
-    protos too big to serialize go through a temporary folder."""
+    """Build a CPU session. A path is handed to onnxruntime as is (it reads external data itself), and
+    so are a serialized model's bytes; protos too big to serialize go through a temporary folder."""
     opts = session_options(optimize=optimize, threads=threads, optimized_model_path=optimized_model_path,
                            mem_arena=mem_arena)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), opts, providers=providers)
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, opts, providers=providers)
     if model_bytes_estimate(model) < PROTO_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     tmp = tempfile.mkdtemp(prefix="onnxslim-session-")

@@ -52,12 +52,14 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
-                 outputs: bool = False) -> onnx.ModelProto:
+                 outputs: bool = False, in_place: bool = False, stripped: bool = False) -> onnx.ModelProto:
     """Return ``model`` with ``value_info`` filled in by onnx shape inference (weights untouched).
 
     Declared graph-output types are kept unless ``outputs`` is true (then the inferred ones replace
-    them: declarations can be wrong, FIELD-NOTES 5)."""
-    light = light_copy(model)
+    them: declarations can be wrong, FIELD-NOTES 5). ``in_place``: fill in ``model`` itself and return
+    it, instead of a copy with all its weights (for a proto the caller has just built). ``stripped``:
+    ``model`` is a :func:`light_copy` already (inferred as it is, not copied again)."""
+    light = model if stripped else light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=strict,
                                                      data_prop=data_prop)
@@ -66,8 +68,11 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
             raise
         logger.info("shape inference failed, keeping the model's annotations: %s", exc)
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if in_place:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     known = {vi.name for vi in out.graph.input} | {vi.name for vi in out.graph.output}
     del out.graph.value_info[:]
     for vi in inferred.graph.value_info:
@@ -81,11 +86,25 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
 
 def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every value's inferred type and shape by name (graph inputs, outputs, intermediates and
-    initializers), from :func:`infer_shapes` with inferred output types."""
-    inferred = infer_shapes(model, outputs=True)
+    initializers), from onnx shape inference with inferred output types (what :func:`infer_shapes`
+    with ``outputs=True`` would annotate, read without copying the model)."""
     out = {t.name: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-           for t in inferred.graph.initializer}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+           for t in model.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light_copy(model), check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - as infer_shapes: the model's own annotations
+        logger.info("shape inference failed, keeping the model's annotations: %s", exc)
+        for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+            out[vi.name] = vi
+        return out
+    known = {vi.name for vi in model.graph.input} | {vi.name for vi in model.graph.output}
+    for vi in model.graph.input:
+        out[vi.name] = vi
+    for vi in inferred.graph.value_info:
+        if vi.name not in known:
+            out[vi.name] = vi
+    for vi in inferred.graph.output:
         out[vi.name] = vi
     return out
 

@@ -16,6 +16,7 @@ read from the outer graph are never removed or renamed.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 from typing import Any
@@ -91,7 +92,10 @@ class FoldConstants(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         skipped: list[tuple[str, str]] = []
         stats = {"constants_folded": 0, "shapes_folded": 0, "constant_nodes_to_initializers": 0}
-        shapes = _static_shapes(model) if self.fold_shapes else {}
+        # Shapes are read for Shape/Size nodes only (and a Gather reading a Shape): a graph without
+        # them skips the shape inference.
+        wanted = self.fold_shapes and any(n.op in ("Shape", "Size") for n in model.nodes)
+        shapes = _static_shapes(model) if wanted else {}
         outer = model.outer_scope_names()
         doomed: list[gs.Node] = []
         for node in list(model.nodes):
@@ -288,7 +292,7 @@ class FoldBatchNorm(Pass):
         folded = 0
         shapes: dict[str, list[int | None]] = {}  # filled on first need (one shape inference per run)
         for bn in list(model.nodes):
-            if bn.op != "BatchNormalization" or bn not in model.nodes:
+            if bn.op != "BatchNormalization" or not model.has_node(bn):
                 continue
             prod = model.producer(bn.inputs[0])
             if prod is None or prod.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -456,11 +460,18 @@ class MergeInitializers(Pass):
         groups: dict[Any, gs.Constant] = {}
         merged = saved = 0
         overridable = set(model.meta.initializer_inputs)
+        candidates = []
+        interface = {id(t) for t in model.graph.inputs} | {id(t) for t in model.graph.outputs}
         for name, t in list(model.tensors().items()):
-            if not isinstance(t, gs.Constant) or name in overridable or model.is_graph_input(t) \
-                    or model.is_graph_output(t):
+            if not isinstance(t, gs.Constant) or name in overridable or id(t) in interface:
                 continue
             arr = np.asarray(t.values)
+            candidates.append((t, arr))
+        # Only tensors that share dtype and shape with another can be merged: hash those alone.
+        alike = collections.Counter((arr.dtype.str, arr.shape) for _, arr in candidates)
+        for t, arr in candidates:
+            if alike[(arr.dtype.str, arr.shape)] < 2:
+                continue
             key = (arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).digest())
             keeper = groups.get(key)
             if keeper is None:
@@ -565,13 +576,18 @@ class Cleanup(Pass):
         skipped: dict[tuple[str, str], None] = {}
         warnings: list[str] = []
         modified = False
+        ordered = False
         rounds = 0
         for rounds in range(1, self.max_rounds + 1):
             changed = False
             for step in self.steps():
                 result = step.run(model, ctx)
                 model = result.model
-                model.toposort()
+                # After the first step the graph is in order; a step that reports no change left it as
+                # it was (the Pass contract), so only a modifying step needs the sort again.
+                if result.modified or not ordered:
+                    model.toposort()
+                    ordered = True
                 changed |= result.modified
                 for key, value in result.stats.items():
                     if isinstance(value, (int, float)):

@@ -1230,7 +1230,9 @@ class QuantizeInt8(Pass):
         compute = self._select(model, skipped)
         if not compute:
             return None
-        infos = model.value_infos()
+        # The calibration model; nothing below changes the graph, so its types come from it too.
+        proto = model.to_proto(value_info="drop")
+        infos = model.value_infos(export=proto)
 
         def is_float(t: gs.Tensor) -> bool:
             return elem_type(infos, t.name) == TensorProto.FLOAT
@@ -1271,9 +1273,8 @@ class QuantizeInt8(Pass):
                 selected.add(id(node))  # x * c (c > 0): the same integers, read with scale * c
                 produced.add(node.outputs[0].name)
         nodes = [n for n in model.nodes if id(n) in selected]
-        plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": None}
+        plan = {"compute": [n.name for n in compute], "selected": [n.name for n in nodes], "proto": proto}
         tensors = self._tensors(model, nodes, self._fold_pairs(model, nodes))
-        plan["proto"] = model.to_proto(value_info="drop")
         collector = _RangeCollector(plan["proto"], sorted(tensors), infos, ctx.calibration, ctx.track, self.calibration,
                                     self.percentile, self.activation_type)
         ranges = collector.ranges()
@@ -1436,16 +1437,17 @@ class QuantizeInt8(Pass):
     @staticmethod
     def _preflight(proto, compute: list[str], ctx: PassContext, warnings: list[str]) -> dict:
         """What share of the model's MACs now runs in int8, and whether the CPU has int8 dot products."""
-        from onnxslim_kit.metrics import model_stats
+        from onnxslim_kit.metrics import model_macs
         from onnxslim_kit.runtime import cpu_int8_dot_product
 
         out = {}
         try:
-            stats = model_stats(proto, ctx.input_shapes)
+            macs_per_node, _ = model_macs(proto, ctx.input_shapes)
             names = set(compute)
-            int8 = sum(m for name, m in stats.macs_per_node.items() if name in names)
-            if stats.macs:
-                out["int8_mac_share"] = round(int8 / stats.macs, 4)
+            int8 = sum(m for name, m in macs_per_node.items() if name in names)
+            total = int(sum(macs_per_node.values()))
+            if total:
+                out["int8_mac_share"] = round(int8 / total, 4)
         except Exception as exc:  # noqa: BLE001 - a report figure must not fail the pass
             logger.info("MAC share not computed: %s", exc)
         isa = cpu_int8_dot_product()

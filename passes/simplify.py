@@ -87,7 +87,7 @@ class FuseConvAffine(Pass):
         skipped: list[tuple[str, str]] = []
         fused = 0
         for conv in list(model.nodes):
-            if conv.op not in ("Conv", "ConvTranspose") or conv not in model.nodes:
+            if conv.op not in ("Conv", "ConvTranspose") or not model.has_node(conv):
                 continue
             reason = self._try(model, conv)
             if reason is None:
@@ -178,7 +178,7 @@ class FusePadConv(Pass):
         skipped: list[tuple[str, str]] = []
         fused = 0
         for pad in list(model.nodes):
-            if pad.op != "Pad" or pad not in model.nodes:
+            if pad.op != "Pad" or not model.has_node(pad):
                 continue
             conv = _sole_consumer(model, pad.outputs[0])
             if conv is None or conv.op != "Conv" or conv.inputs[0] is not pad.outputs[0]:
@@ -247,7 +247,7 @@ class FuseGemm(Pass):
         skipped: list[tuple[str, str]] = []
         fused = 0
         for mm in list(model.nodes):
-            if mm.op != "MatMul" or mm not in model.nodes:
+            if mm.op != "MatMul" or not model.has_node(mm):
                 continue
             add = _sole_consumer(model, mm.outputs[0])
             if add is None or add.op != "Add":
@@ -302,7 +302,7 @@ class FuseReshape(Pass):
         skipped: list[tuple[str, str]] = []
         chains = shapes = 0
         for node in list(model.nodes):
-            if node.op != "Reshape" or node not in model.nodes:
+            if node.op != "Reshape" or not model.has_node(node):
                 continue
             if int(node.attrs.get("allowzero", 0)):
                 skipped.append((_label(node), "allowzero=1: a 0 in the target shape means a real 0"))
@@ -397,7 +397,7 @@ class FuseTranspose(Pass):
         skipped: list[tuple[str, str]] = []
         composed = removed = 0
         for node in list(model.nodes):
-            if node.op != "Transpose" or node not in model.nodes:
+            if node.op != "Transpose" or not model.has_node(node):
                 continue
             src = model.producer(node.inputs[0])
             if src is None or src.op != "Transpose":
@@ -441,7 +441,7 @@ class FuseUnsqueeze(Pass):
         merged = reduces = 0
         opset = model.opset
         for node in list(model.nodes):
-            if node.op != "Unsqueeze" or node not in model.nodes:
+            if node.op != "Unsqueeze" or not model.has_node(node):
                 continue
             axes = _ints_attr_or_input(model, node, "axes", 1)
             src = model.producer(node.inputs[0])
@@ -514,7 +514,7 @@ class FuseConcat(Pass):
         skipped: list[tuple[str, str]] = []
         inlined = removed = 0
         for node in list(model.nodes):
-            if node.op != "Concat" or node not in model.nodes:
+            if node.op != "Concat" or not model.has_node(node):
                 continue
             if len(node.inputs) == 1:
                 if _bypass(model, node, node.inputs[0]):

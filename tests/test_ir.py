@@ -241,3 +241,109 @@ def test_ir_weight_free_export_for_shape_inference_keeps_weights_intact():
     full = model.to_proto()  # the real weights are back after the stubbed export
     onnx.checker.check_model(full, full_check=True)
     assert next(t for t in full.graph.initializer if t.name == "conv.w").raw_data
+
+
+def _dims(infos, name):
+    return [d.dim_value or d.dim_param for d in infos[name].type.tensor_type.shape.dim]
+
+
+def test_ir_value_infos_cache_follows_mutations_made_without_invalidate(monkeypatch):
+    # x[2,6] -> Reshape(shape) -> Transpose(perm) -> MatMul(w) -> y: every kind of in-place change a
+    # pass makes (small constant replaced under the same name, attribute edited, input rewired, big
+    # weight replaced, declared input shape edited, node added) must show in the next value_infos().
+    import onnxslim_kit.shapes as shapes
+
+    w = np.ones((4, 5), np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+             helper.make_node("Transpose", ["r"], ["t"], name="transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "w"], ["y"], name="matmul")]
+    proto = make_model(nodes, [("x", FLOAT, [2, 6])], [("y", FLOAT, None)],
+                       [init("shape", np.array([3, 4], np.int64)), init("w", w)])
+    model = Model.from_proto(proto)
+    calls = []
+    real = shapes.value_infos
+    monkeypatch.setattr(shapes, "value_infos", lambda p: calls.append(1) or real(p))
+
+    def fresh():  # the uncached computation
+        return real(model.to_proto(value_info="drop", weights=False))
+
+    assert _dims(model.value_infos(), "t") == [4, 3]
+    assert _dims(model.value_infos(), "t") == [4, 3] and len(calls) == 1  # unchanged graph: reused
+    reshape, transpose, matmul = model.nodes
+    reshape.inputs[1] = gs.Constant("shape", np.array([4, 3], np.int64))  # same name, new value
+    assert _dims(model.value_infos(), "t") == [3, 4] == _dims(fresh(), "t")
+    reshape.inputs[1] = gs.Constant("shape", np.array([6, 2], np.int64))  # and again (array to array)
+    assert _dims(model.value_infos(), "t") == [2, 6] == _dims(fresh(), "t")
+    reshape.inputs[1] = gs.Constant("shape", np.array([4, 3], np.int64))
+    assert _dims(model.value_infos(), "t") == [3, 4] == _dims(fresh(), "t")
+    transpose.attrs["perm"] = [0, 1]  # attribute edited in place
+    assert _dims(model.value_infos(), "t") == [4, 3] == _dims(fresh(), "t")
+    matmul.inputs[1] = gs.Constant("w", np.ones((3, 120), np.float32))  # big weight (> 1 kB) replaced
+    assert _dims(model.value_infos(), "y") == [4, 120] == _dims(fresh(), "y")
+    matmul.inputs[1] = gs.Constant("w", np.ones((3, 100), np.float32))
+    assert _dims(model.value_infos(), "y") == [4, 100] == _dims(fresh(), "y")
+    model.graph.inputs[0].shape = [1, 12]  # declared input shape edited
+    assert _dims(model.value_infos(), "x") == [1, 12] == _dims(fresh(), "x")
+    relu = gs.Variable("relu_out", dtype=np.float32)
+    model.graph.nodes.insert(2, gs.Node("Relu", "relu", inputs=[transpose.outputs[0]], outputs=[relu]))
+    matmul.inputs[0] = relu  # new node, consumer rewired
+    infos = model.value_infos()
+    assert _dims(infos, "relu_out") == [4, 3] and len(calls) == 9  # one shape inference per change
+    infos["relu_out"] = None  # the caller's dict: the cache is not affected
+    assert _dims(model.value_infos(), "relu_out") == [4, 3] and len(calls) == 9
+    relu.shape = [4, 3]
+    model.graph.outputs[0].shape = [4, 100]
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    x = np.arange(12, dtype=np.float32).reshape(1, 12)
+    expected = np.maximum(x.reshape(4, 3), 0) @ np.ones((3, 100), np.float32)
+    np.testing.assert_allclose(run_model(out, {"x": x})[0], expected, rtol=1e-6)
+
+
+def test_ir_save_single_file_leaves_no_temp_and_ordinary_permissions(tmp_path):
+    dst = tmp_path / "out.onnx"
+    dst.write_bytes(b"previous")
+    save_proto(conv_bn_relu(), dst)  # no external data: a temporary file beside it, renamed
+    assert os.listdir(tmp_path) == ["out.onnx"]
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"")
+    assert os.stat(dst).st_mode & 0o777 == os.stat(ordinary).st_mode & 0o777  # not mkstemp's 0600
+    out = load_proto(dst)
+    onnx.checker.check_model(out, full_check=True)
+    assert_parity(conv_bn_relu(), out, {"x": np.ones((2, 3, 8, 8), np.float32)})
+
+
+def test_ir_export_without_value_info_leaves_tensor_types_in_place():
+    proto = conv_bn_relu()
+    proto.graph.value_info.append(helper.make_tensor_value_info("conv_out", FLOAT, ["N", 8, 8, 8]))
+    model = Model.from_proto(proto)
+    typed = {t.name: (t.dtype, t.shape) for t in model.tensors().values()
+             if isinstance(t, gs.Variable) and t.dtype is not None}
+    assert "conv_out" in typed  # an intermediate tensor with a declared type
+    dropped = model.to_proto(value_info="drop")
+    assert not dropped.graph.value_info  # nothing declared for intermediates...
+    assert {t.name: (t.dtype, t.shape) for t in model.tensors().values() if t.name in typed} == typed  # ...types kept
+    kept = model.to_proto(value_info="keep")
+    assert "conv_out" in {vi.name for vi in kept.graph.value_info}
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    assert_parity(conv_bn_relu(), out, {"x": np.ones((2, 3, 8, 8), np.float32)})
+
+
+def test_ir_tensor_map_matches_graphsurgeon_tensors():
+    from onnxslim_kit.ir import tensor_map
+
+    nodes = [helper.make_node("Clip", ["x", "", "hi"], ["c"], name="clip"),  # omitted optional input
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    proto = make_model(nodes, [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])],
+                       [init("hi", np.array(6.0, np.float32))])
+    graph = Model.from_proto(proto).graph
+    graph.nodes[1].inputs.append(gs.Variable("c"))  # a distinct tensor sharing a name: the last one wins
+    expected = [(name, id(t)) for name, t in graph.tensors(check_duplicates=False).items()]
+    assert [(name, id(t)) for name, t in tensor_map(graph).items()] == expected
+    assert [name for name, _ in expected] == ["x", "hi", "c", "y"]
+    graph.nodes[1].inputs.pop()
+    out = Model(graph, Model.from_proto(proto).meta).to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    x = np.linspace(-8, 8, 6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(run_model(out, {"x": x})[0], np.clip(x, 0, 6))

@@ -389,3 +389,44 @@ def test_random_data_that_does_not_suit_the_model_says_how_to_fix_it():
     pinned = random_calibration(input_specs(model, {"x": [1, 10]}), num_samples=2)
     report = compare(model, _copy(model), pinned, EXACT)
     assert report.ok and report.outputs[0].ref_shape == (2, 5)
+
+
+def test_parity_prefetch_reads_calibration_files_once_for_both_threads():
+    # The background reference reads the feeds ahead: a pass that iterates them in the main thread
+    # while the reference still runs reuses them instead of reading the files a second time.
+    import threading
+
+    from onnxslim_kit.calibration import CalibrationData
+
+    proto = conv_bn_relu()
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    reads = []
+
+    def factory():
+        reads.append(1)
+        for a in arrays:
+            yield {"x": a}
+
+    data = CalibrationData(factory, length=4, num_samples=4, source="counted", is_random=False)
+    checker = ParityChecker(proto, data, threads=1)
+    real, entered, gate = checker._ref_session, threading.Event(), threading.Event()
+
+    class Held:  # the reference session, held at its first batch until the main thread has iterated
+        def run(self, names, feed):
+            entered.set()
+            gate.wait(10)
+            return real.run(names, feed)
+
+    checker._ref_session = Held()
+    checker.prefetch()
+    assert entered.wait(10)
+    main_pass = [feed["x"] for feed in data]
+    gate.set()
+    refs = checker.reference_outputs
+    assert len(reads) == 1  # one read of the source for both threads
+    assert all(np.array_equal(a, b) for a, b in zip(main_pass, arrays)) and len(main_pass) == 4
+    np.testing.assert_array_equal(refs[2][checker.output_names[0]], run_model(proto, {"x": arrays[2]})[0])
+    report = checker.check(proto, EXACT)
+    assert report.ok and report.num_batches == 4 and len(reads) == 1
+    onnx.checker.check_model(proto, full_check=True)
