@@ -256,8 +256,8 @@ def main(argv=None) -> int:
                    f"{args.objective or 'balanced and size'}) vs single "
                    f"techniques applied uniformly\n\n"
                    f"Held-out data only (never seen by the search or the calibrated passes). Latency: 2 threads, "
-                   f"batch 1, {args.rounds} interleaved rounds x {args.runs} runs; measured on a shared 2-core "
-                   f"machine under load: compare ratios within a model, not absolute ms.\n\n" + text)
+                   f"batch 1, {args.rounds} interleaved rounds x {args.runs} runs, per-round ratios to the original; "
+                   f"compare ratios within a model, not absolute ms.\n\n" + text)
     print(text)
     return 0
 
