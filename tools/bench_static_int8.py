@@ -114,7 +114,12 @@ def batched(paths: dict[str, str], feed: dict, args) -> dict[str, float] | None:
             return None
     big = {k: np.repeat(v[:1], args.batch, axis=0) for k, v in feed.items()}
     times = latencies(paths, big, args.threads, max(5, args.runs // 3), args.rounds)
-    return paired(times, args.rounds)
+    return paired(times, args.rounds) | head_to_head(times, args.rounds)
+
+
+def head_to_head(times: dict[str, list[float]], rounds: int) -> dict[str, float]:
+    """ours / ORT paired per round directly (not a ratio of two ratios to fp32)."""
+    return {"ours/ORT": paired_ratio(times["ours"], times["ORT"], rounds)} if "ours" in times and "ORT" in times else {}
 
 
 def paired(times: dict[str, list[float]], rounds: int) -> dict[str, float]:
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
         cos = cosines(src, paths, feeds, args.threads)
         snr = snrs(src, paths, feeds, args.threads)
         times = latencies(paths, feeds[0], args.threads, args.runs, args.rounds)
-        med = paired(times, args.rounds)
+        med = paired(times, args.rounds) | head_to_head(times, args.rounds)
         med_b = batched(paths, feeds[0], args)
         for label in paths:
             rows.append([name, label, f"{med[label] * 1e3:.3f}", f"{med[label] / med['fp32']:.3f}",
@@ -192,8 +197,8 @@ def main(argv=None) -> int:
                          (f"{accuracy(paths[label], name):.4f}" if accuracy(paths[label], name) is not None else "-"),
                          f"{secs.get(label, 0):.2f}"])
         if "ours" in paths and "ORT" in paths:
-            rows.append([name, "ratio ours/ORT", f"{med['ours'] / med['ORT']:.3f}", "",
-                         f"{med_b['ours'] / med_b['ORT']:.3f}" if med_b else "-",
+            rows.append([name, "ratio ours/ORT", f"{med['ours/ORT']:.3f}", "",
+                         f"{med_b['ours/ORT']:.3f}" if med_b else "-",
                          f"{size(paths['ours']) / size(paths['ORT']):.3f}", "", "", "", "",
                          f"{secs['ours'] / secs['ORT']:.2f}"])
         print("\n".join(" | ".join(r) for r in rows[-(len(paths) + 1):]), flush=True)
