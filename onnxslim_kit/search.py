@@ -325,6 +325,111 @@ def latency_ratios(original: onnx.ModelProto, candidates: list[onnx.ModelProto],
                                                          batch=batch)]
 
 
+class _Timings:
+    """The latencies the balanced objective decides on, kept in the analysis cache (when given): a rerun,
+    or the same search on another executor, then takes the same decisions and builds the same plan."""
+
+    def __init__(self, cache, original: onnx.ModelProto, feed: dict[str, np.ndarray], *, report, threads: int,
+                 batch: int, seed: int):
+        self.store = _Cache(cache) if cache is not None else None
+        self.original, self.feed, self.threads, self.batch = original, feed, threads, batch
+        self.base = {"model": report.model_fingerprint, "calibration": report.calibration_id, "threads": threads,
+                     "batch": batch, "rounds": PROBE_ROUNDS, "seed": seed}
+
+    def _fields(self, what: str, entries: list[PlanEntry]) -> dict:
+        return {"latency": what, "entries": sorted(f"{e.technique} @ {e.layer}" for e in entries), **self.base}
+
+    def _cached(self, fields: dict) -> list[float] | None:
+        hit = self.store.get(_cache_key(fields)) if self.store is not None else None
+        if hit is not None and isinstance(hit.get("rounds"), list):
+            return [float(x) for x in hit["rounds"]]
+        return None
+
+    def _keep(self, fields: dict, rounds: list[float]) -> None:
+        if self.store is not None:
+            self.store.put(_cache_key(fields), fields, {"rounds": rounds})
+
+    def _time(self, models: list) -> list[list[float]]:
+        return latency_rounds(self.original, models, self.feed, threads=self.threads, rounds=PROBE_ROUNDS,
+                              batch=self.batch)
+
+    def plan(self, entries: list[PlanEntry], proto: onnx.ModelProto) -> list[float]:
+        """Per-round latency ratios of a built plan to the original."""
+        fields = self._fields("plan", entries)
+        rounds = self._cached(fields)
+        if rounds is None:
+            rounds = self._time([proto])[0]
+            self._keep(fields, rounds)
+        return rounds
+
+    def probe(self, cands: list[PlanEntry], build: Callable[[list[PlanEntry]], Model]
+              ) -> tuple[dict[str, float | None], dict[str, str]]:
+        """Each technique applied to all its candidate layers of one op type at once (``build``), timed
+        against the original: ({group: median ratio, None where it does not build}, {group: why it is
+        left out}). A group is left out when it is slower in every round (a sign test, p =
+        2**-PROBE_ROUNDS if it made no difference) or PROBE_SLOWER x slower in the median round (one fast
+        round under load does not rescue it). One probe model is in memory at a time: each is written to
+        a temporary folder, then all are timed from their files, interleaved."""
+        groups: dict[str, list[PlanEntry]] = {}
+        for c in cands:
+            groups.setdefault(_group(c), []).append(c)
+        fields = {key: self._fields("probe " + key, members) for key, members in groups.items()}
+        measured = {key: hit for key in groups if (hit := self._cached(fields[key])) is not None}
+        probe: dict[str, float | None] = {}
+        with tempfile.TemporaryDirectory(prefix="onnxslim-probe-") as folder:
+            paths, names = [], []
+            for key, members in groups.items():
+                if key in measured:
+                    continue
+                try:
+                    built_model = build(members)
+                except OnnxSlimError as exc:
+                    probe[key] = None
+                    logger.info("latency probe of %s: does not build on all its layers at once (%s); not timed",
+                                key, exc)
+                    continue
+                paths.append(os.path.join(folder, f"probe{len(paths)}.onnx"))
+                save_proto(built_model.to_proto(), paths[-1])
+                del built_model
+                names.append(key)
+            if paths:
+                for key, per_round in zip(names, self._time(paths)):
+                    measured[key] = per_round
+                    self._keep(fields[key], per_round)
+        excluded: dict[str, str] = {}
+        for key in groups:
+            if key not in measured:
+                continue
+            per_round = measured[key]
+            probe[key] = statistics.median(per_round)
+            if min(per_round) > 1.0 or probe[key] > PROBE_SLOWER:
+                excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it ran "
+                                 f"{probe[key]:.3f}x the original's latency (median of {PROBE_ROUNDS} "
+                                 f"interleaved rounds, slowest {max(per_round):.3f}x, fastest "
+                                 f"{min(per_round):.3f}x; {self.threads} threads, batch {self.batch})")
+        return probe, excluded
+
+
+def _measured_share(cands: list[PlanEntry], probe: dict[str, float | None]) -> Callable[[PlanEntry], float]:
+    """Share of the original's latency a change saves, from the probe: its group's measured saving shared
+    among the group's candidates by MACs saved (bytes saved for quantization, which saves no MACs); a group
+    the probe could not time keeps the change's MACs share."""
+    def weight(c: PlanEntry) -> float:
+        return c.macs_saved_fraction if c.macs_saved_fraction > 0 else c.bytes_saved_fraction
+
+    totals: dict[str, float] = {}
+    for c in cands:
+        totals[_group(c)] = totals.get(_group(c), 0.0) + weight(c)
+
+    def share(c: PlanEntry) -> float:
+        ratio, total = probe.get(_group(c)), totals.get(_group(c), 0.0)
+        if ratio is None:
+            return c.macs_saved_fraction
+        return max(0.0, 1.0 - ratio) * weight(c) / total if total > 0 else 0.0
+
+    return share
+
+
 def _quant_bits(technique: str) -> int | None:
     """Bits per weight a quantization technique stores (None: not a quantization technique)."""
     name, options = parse_spec(technique)
@@ -576,99 +681,15 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     probe: dict[str, float | None] = {}
     excluded: dict[str, str] = {}
     measured_share: Callable[[PlanEntry], float] | None = None   # share of the latency a change saves
-    # Timings the balanced objective decides on are kept in the analysis cache (when given): a rerun, or
-    # the same search on another executor, then takes the same decisions and builds the same plan.
-    store = _Cache(cache) if cache is not None else None
-
-    def timing_fields(what: str, entries: list[PlanEntry]) -> dict:
-        return {"latency": what, "entries": sorted(f"{e.technique} @ {e.layer}" for e in entries),
-                "model": report.model_fingerprint, "calibration": report.calibration_id,
-                "threads": latency_threads, "batch": latency_batch, "rounds": PROBE_ROUNDS, "seed": seed}
-
-    def cached_rounds(fields: dict) -> list[float] | None:
-        hit = store.get(_cache_key(fields)) if store is not None else None
-        if hit is not None and isinstance(hit.get("rounds"), list):
-            return [float(x) for x in hit["rounds"]]
-        return None
-
-    def keep_rounds(fields: dict, rounds: list[float]) -> None:
-        if store is not None:
-            store.put(_cache_key(fields), fields, {"rounds": rounds})
-
-    def plan_rounds(entries: list[PlanEntry], proto: onnx.ModelProto) -> list[float]:
-        fields = timing_fields("plan", entries)
-        rounds = cached_rounds(fields)
-        if rounds is None:
-            rounds = latency_rounds(original, [proto], s_feeds[0], threads=latency_threads, rounds=PROBE_ROUNDS,
-                                    batch=latency_batch)[0]
-            keep_rounds(fields, rounds)
-        return rounds
-
+    timings = _Timings(cache, original, s_feeds[0], report=report, threads=latency_threads, batch=latency_batch,
+                       seed=seed)
     if objective == "balanced" and tgt.kind != "size":
-        groups: dict[str, list[PlanEntry]] = {}
-        for c in cands:
-            groups.setdefault(_group(c), []).append(c)
-        fields = {key: timing_fields("probe " + key, members) for key, members in groups.items()}
-        measured: dict[str, list[float]] = {}
-        for key in groups:
-            hit = cached_rounds(fields[key])
-            if hit is not None:
-                measured[key] = hit
-        # One probe model in memory at a time: each is written to a temporary folder, then all are timed
-        # from their files, interleaved.
-        with tempfile.TemporaryDirectory(prefix="onnxslim-probe-") as folder:
-            paths, names = [], []
-            for key, members in groups.items():
-                if key in measured:
-                    continue
-                try:
-                    built_model = fitted(members, fit_data)[0]
-                except OnnxSlimError as exc:
-                    probe[key] = None
-                    logger.info("latency probe of %s: does not build on all its layers at once (%s); not timed",
-                                key, exc)
-                    continue
-                paths.append(os.path.join(folder, f"probe{len(paths)}.onnx"))
-                save_proto(built_model.to_proto(), paths[-1])
-                del built_model
-                names.append(key)
-            if paths:
-                for key, per_round in zip(names, latency_rounds(original, paths, s_feeds[0], threads=latency_threads,
-                                                                rounds=PROBE_ROUNDS, batch=latency_batch)):
-                    measured[key] = per_round
-                    keep_rounds(fields[key], per_round)
-        for key in groups:
-            if key in measured:
-                per_round = measured[key]
-                probe[key] = statistics.median(per_round)
-                # Slower in every round (a sign test, p = 2**-PROBE_ROUNDS if it made no difference), or
-                # clearly slower in the median round (one fast round under load does not rescue it).
-                if min(per_round) > 1.0 or probe[key] > PROBE_SLOWER:
-                    excluded[key] = (f"applied to all {len(groups[key])} candidate layer(s) at once it ran "
-                                     f"{probe[key]:.3f}x the original's latency (median of {PROBE_ROUNDS} "
-                                     f"interleaved rounds, slowest {max(per_round):.3f}x, fastest "
-                                     f"{min(per_round):.3f}x; {latency_threads} threads, batch {latency_batch})")
+        probe, excluded = timings.probe(cands, lambda members: fitted(members, fit_data)[0])
         cands = [c for c in cands if _group(c) not in excluded]
-        # Order by what the probe measured instead of MACs: a group's latency saving is shared among its
-        # candidates by MACs saved (bytes saved for quantization, which saves no MACs); a group the probe
-        # could not time keeps its MACs share. accuracy_drop: bytes + latency saved; latency: latency.
-        def weight(c: PlanEntry) -> float:
-            return c.macs_saved_fraction if c.macs_saved_fraction > 0 else c.bytes_saved_fraction
-
-        totals: dict[str, float] = {}
-        for c in cands:
-            totals[_group(c)] = totals.get(_group(c), 0.0) + weight(c)
-
-        def latency_saved(c: PlanEntry) -> float:
-            ratio, total = probe.get(_group(c)), totals.get(_group(c), 0.0)
-            if ratio is None:
-                return c.macs_saved_fraction
-            return max(0.0, 1.0 - ratio) * weight(c) / total if total > 0 else 0.0
+        measured_share = _measured_share(cands, probe)
 
         def saved(c: PlanEntry) -> float:
-            return latency_saved(c) if tgt.kind == "latency" else c.bytes_saved_fraction + latency_saved(c)
-
-        measured_share = latency_saved
+            return measured_share(c) if tgt.kind == "latency" else c.bytes_saved_fraction + measured_share(c)
 
         cands = [c for c in cands if saved(c) > 0]
         cands.sort(key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
@@ -836,7 +857,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         # Speed repair: a verified plan slower than the original in every round loses, one at a time, the
         # probed groups that were slower than the original on their own (worst first), while it still
         # meets the target and gets faster; each removal is a verification.
-        rounds = plan_rounds(plan, current[0])
+        rounds = timings.plan(plan, current[0])
         suspects = sorted({_group(e) for e in plan if (probe.get(_group(e)) or 0.0) > 1.0},
                           key=lambda k: (-(probe[k] or 0.0), k))
         while min(rounds) > 1.0 and suspects and len(steps) < max_verifications:
@@ -845,7 +866,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             trial = build(trial_plan, f"speed: without {key}")
             if not is_met(trial):
                 continue
-            trial_rounds = plan_rounds(trial_plan, trial[0])
+            trial_rounds = timings.plan(trial_plan, trial[0])
             if statistics.median(trial_rounds) < statistics.median(rounds):
                 plan, current, rounds = trial_plan, trial, trial_rounds
                 excluded[key] = (f"the verified plan ran slower than the original in every round; without it "
