@@ -6,8 +6,8 @@ Targets (:func:`parse_target`):
   original on the search data (``cosine``: the original scores 1.0, so ``accuracy_drop=0.01`` means the
   smallest output cosine stays >= 0.99; ``top1`` with labels: accuracy may drop by ``D``);
 - ``size=Rx``: the model's bytes at most ``R`` times the original's;
-- ``latency=Rx``: the median latency (onnxruntime, interleaved with the original) at most ``R`` times
-  the original's.
+- ``latency=Rx``: the latency (onnxruntime, :func:`latency_ratios`: interleaved with the original,
+  paired per round, at ``latency_batch`` rows and ``latency_threads``) at most ``R`` times the original's.
 
 How (:func:`search`):
 
