@@ -530,3 +530,22 @@ def test_search_top1_margin_is_a_prediction_bound_for_fresh_data():
     assert top1_margin(z, 1, 1000) < top1_margin(z, 1, 270)
     # A fresh sample of the same size adds its own noise: wider than the confidence bound on the mean.
     assert top1_margin(z, 3, 270) > z * math.sqrt(3) / 270 * math.sqrt(2)
+
+
+@pytest.mark.slow
+def test_search_balanced_on_digits_cnn_uses_no_excluded_group(tmp_path):
+    """Real timings (whatever they say on this machine): every group is probed, the plan holds no change
+    from a group the probe left out, the result's latency is measured, and the report carries it all."""
+    root = Path(__file__).resolve().parent.parent / "models"
+    data = np.load(root / "digits_cnn.eval.npz")
+    result = onnxslim_kit.search(root / "digits_cnn.onnx", {"image": data["image"][:270]},
+                                 labels=data["labels"][:270], target="accuracy_drop=0.02", batch_size=30)
+    groups = {f"{e.technique} on {e.op}" for e in result.analysis.evaluations if e.status == "ok"}
+    assert result.probe and set(result.probe) <= groups
+    assert all(v is None or v > 0 for v in result.probe.values())
+    assert set(result.excluded) <= set(result.probe)
+    assert not {f"{e.technique} on {e.op}" for e in result.plan} & set(result.excluded)
+    assert result.met and result.latency_ratio is not None and result.latency_ratio > 0
+    report = result.to_dict()
+    assert report["objective"] == "balanced" and report["latency_probe"] and "excluded" in report
+    onnx.checker.check_model(result.model, full_check=True)
