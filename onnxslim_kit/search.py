@@ -607,16 +607,26 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                                bytes_saved_fraction=bytes_saved / base["bytes"] if base["bytes"] else 0.0,
                                bytes_saved=bytes_saved))
 
+    probing = objective == "balanced" and tgt.kind != "size"
+    measured_share: Callable[[PlanEntry], float] | None = None   # share of the latency a change saves
+
     def saved(c: PlanEntry) -> float:
+        """What a change saves, for the order: bytes (size); the latency the probe measured, plus bytes
+        for accuracy_drop (balanced, once probed); else MACs (latency) or MACs + bytes."""
         if tgt.kind == "size":
             return c.bytes_saved_fraction
-        if tgt.kind == "latency" and objective != "balanced":
+        if measured_share is not None:
+            return measured_share(c) + (c.bytes_saved_fraction if tgt.kind == "accuracy_drop" else 0.0)
+        if tgt.kind == "latency" and not probing:
             return c.macs_saved_fraction
-        return c.macs_saved_fraction + c.bytes_saved_fraction   # balanced: re-ordered once the probe has run
+        return c.macs_saved_fraction + c.bytes_saved_fraction   # to be probed: int8 saves no MACs
+
+    def ranked(entries: list[PlanEntry]) -> list[PlanEntry]:
+        kept = [c for c in entries if saved(c) > 0]
+        return sorted(kept, key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
 
     eps = 1e-12
-    cands = [c for c in cands if saved(c) > 0]
-    cands.sort(key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
+    cands = ranked(cands)
 
     steps: list[Step] = []
     built: dict[tuple, tuple] = {}
@@ -680,19 +690,13 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     # on that op type: the plan is to be smaller AND faster, and MACs / bytes saved do not say that.
     probe: dict[str, float | None] = {}
     excluded: dict[str, str] = {}
-    measured_share: Callable[[PlanEntry], float] | None = None   # share of the latency a change saves
     timings = _Timings(cache, original, s_feeds[0], report=report, threads=latency_threads, batch=latency_batch,
                        seed=seed)
-    if objective == "balanced" and tgt.kind != "size":
+    if probing:
         probe, excluded = timings.probe(cands, lambda members: fitted(members, fit_data)[0])
         cands = [c for c in cands if _group(c) not in excluded]
         measured_share = _measured_share(cands, probe)
-
-        def saved(c: PlanEntry) -> float:
-            return measured_share(c) if tgt.kind == "latency" else c.bytes_saved_fraction + measured_share(c)
-
-        cands = [c for c in cands if saved(c) > 0]
-        cands.sort(key=lambda c: (c.predicted_drop / saved(c), c.damage / saved(c), c.layer, c.technique))
+        cands = ranked(cands)
 
     plan: list[PlanEntry] = []
     used: dict[str, set[str]] = {}
@@ -704,10 +708,21 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             return False   # a quantization pass refuses an already quantized model: one per plan
         return _compatible(used.get(c.layer, set()), family)
 
-    def take(c: PlanEntry) -> None:
-        plan.append(c)
+    def mark(c: PlanEntry) -> None:
         used.setdefault(c.layer, set()).add(_family(c.technique))
         chosen.setdefault(_family(c.technique), c.technique)
+
+    def remark(entries: list[PlanEntry]) -> None:
+        """``used`` / ``chosen`` as ``entries`` alone make them."""
+        used.clear()
+        chosen.clear()
+        for e in entries:
+            mark(e)
+
+    def take(c: PlanEntry) -> None:
+        plan.append(c)
+        mark(c)
+
     def verified_drop(values) -> float:
         return max(base_s - values[2], 0.0) + values[5]
 
@@ -721,7 +736,6 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         rejected = set(rejected or ())
         while len(steps) < max_verifications:
             room = tgt.value - verified_drop(current)
-            saved_used, saved_chosen = {k: set(v) for k, v in used.items()}, dict(chosen)
             chunk, acc = [], 0.0
             for c in cands:
                 if len(chunk) >= cap or c in plan or (c.technique, c.layer) in rejected or not fits(c):
@@ -729,8 +743,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 if chunk and acc + c.predicted_drop * scale > room + eps:
                     continue
                 chunk.append(c)
-                used.setdefault(c.layer, set()).add(_family(c.technique))
-                chosen.setdefault(_family(c.technique), c.technique)
+                mark(c)
                 acc += c.predicted_drop * scale
             if not chunk:
                 break
@@ -740,10 +753,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 current = trial
                 cap = len(cands)
                 continue
-            used.clear()
-            used.update(saved_used)
-            chosen.clear()
-            chosen.update(saved_chosen)
+            remark(plan)
             if len(chunk) == 1:
                 rejected.add((chunk[0].technique, chunk[0].layer))
             cap = max(1, len(chunk) // 2)
@@ -774,19 +784,12 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             current = build(plan, "revert " + "+".join(e.layer for e in gone))
         if repaired and is_met(current) and len(steps) < max_verifications:
             # Halving may have reverted harmless changes too: offer them (not the single reverts) again.
-            used.clear()
-            chosen.clear()
-            for e in plan:
-                used.setdefault(e.layer, set()).add(_family(e.technique))
-                chosen.setdefault(_family(e.technique), e.technique)
+            remark(plan)
             current = extend(current, sum(e.predicted_drop for e in plan), singles)
         if not is_met(current):
             plan = []
             current = build(plan, "revert all (verification budget spent)")
         met = is_met(current)
-        message = (f"verified drop {base_s - current[2]:.6g}" + (f" + margin {current[5]:.4g}" if current[5] else "")
-                   + f" <= {tgt.value:g} with {len(plan)} change(s)"
-                   if met else f"even cleanup alone drops the metric by {base_s - current[2]:.6g}")
     else:
         # Size / latency: add by damage per unit saved until the estimate, then the measurement, is met.
         remaining = list(cands)
@@ -872,8 +875,10 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 excluded[key] = (f"the verified plan ran slower than the original in every round; without it "
                                  f"{statistics.median(trial_rounds):.3f}x (probe alone: {probe[key]:.3f}x)")
         measured_lat = statistics.median(rounds)
+    if tgt.kind == "accuracy_drop":
         message = (f"verified drop {base_s - current[2]:.6g}" + (f" + margin {current[5]:.4g}" if current[5] else "")
-                   + f" <= {tgt.value:g} with {len(plan)} change(s)")
+                   + f" <= {tgt.value:g} with {len(plan)} change(s)"
+                   if met else f"even cleanup alone drops the metric by {base_s - current[2]:.6g}")
 
     proto, pipe, score, size, lat, margin = current
     if lat is None and proto is not None:
