@@ -281,6 +281,11 @@ def _run(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *, optimize
     return run_feeds(proto, feeds, optimize=optimize, threads=1)
 
 
+def confidence_z(confidence: float) -> float:
+    """The normal quantile a top1 margin uses (0 at a confidence of 0.5 or less: no margin)."""
+    return statistics.NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
+
+
 def top1_margin(z: float, discordant: int, count: int) -> float:
     """What a top1 drop measured on ``count`` samples (``discordant`` of them changed correctness) must
     stay below the target by, so that the drop on a fresh sample of the same size stays within it with
@@ -630,7 +635,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
 
     steps: list[Step] = []
     built: dict[tuple, tuple] = {}
-    z = statistics.NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
+    z = confidence_z(confidence)
 
     def fitted(entries: list[PlanEntry], on: CalibrationData) -> tuple[Model, Pipeline]:
         ctx = PassContext(calibration=on, calibration_is_random=data.is_random, input_shapes=shapes,

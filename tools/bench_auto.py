@@ -38,11 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_quantize import md_table  # noqa: E402
 from bench_static_int8 import eval_set  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.metrics import model_stats  # noqa: E402
 from onnxslim_kit.runtime import paired_ratio, round_medians, run_feeds, time_sessions  # noqa: E402
-from onnxslim_kit.search import search, top1_margin  # noqa: E402
+from onnxslim_kit.search import confidence_z, search, top1_margin  # noqa: E402
 from onnxslim_kit.usermetric import parse_metric, top1_discordant  # noqa: E402
 
 # The search with every default technique under each objective: balanced (the default: leaves out what
@@ -150,7 +151,7 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
     s_labels = (np.concatenate([labels[half * rows_per:], labels[:half * rows_per]]) if labels is not None else None)
     s_ref = run(original, s_order)
     s_base = scorer.baseline(s_ref, s_labels)
-    z = statistics.NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
+    z = confidence_z(confidence)
     ok_search = []
     for k in names:
         if not k.startswith("uniform"):
@@ -241,15 +242,13 @@ def main(argv=None) -> int:
             print("\n".join(n), flush=True)
     header = ["model", "variant", "KiB", "size x", "MACs x", "median ms", "latency x", "held-out metric",
               "held-out drop", "meets target"]
-    text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    text += "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n\n"
+    text = md_table(header, rows) + "\n"
     sheader = ["model", "split", "search", "size x", "latency x", "held-out drop", "meets target",
                "smallest uniform at the same accuracy (size x)", "fastest uniform at the same accuracy (latency x)",
                "plan smaller", "plan faster", "uniform variants at the same accuracy both smaller and faster",
                "uniform variants chosen on the search data by the search's rule (no held-out data)"]
     text += (f"Every split (seeded search / held-out halves; the uniform variants qualify on the held-out drop "
-             f"<= {args.drop}):\n\n| " + " | ".join(sheader) + " |\n|" + "---|" * len(sheader) + "\n"
-             + "\n".join("| " + " | ".join(r) + " |" for r in summary) + "\n\n")
+             f"<= {args.drop}):\n\n" + md_table(sheader, summary) + "\n")
     text += "\n".join(f"- {n}" for n in notes) + "\n"
     out = ROOT / "tools" / "results" / args.out
     out.write_text(f"# search (--target accuracy_drop={args.drop}, --confidence {args.confidence}, --objective "
