@@ -143,7 +143,6 @@ class _Candidate:
     rank: int = 0
     gram: np.ndarray | None = field(default=None, repr=False)
     shrunk: np.ndarray | None = field(default=None, repr=False)   # shrink_gram(gram): what whitens
-    shrinkage: float = 0.0    # its Ledoit-Wolf intensity
 
     @property
     def key(self):
@@ -299,7 +298,7 @@ class LowRankSVD(Pass):
         for i, c in enumerate(cands):
             whitening_gram = c.gram if bounded or c.shrunk is None else c.shrunk
             chols[i] = gram_cholesky(whitening_gram, self.damping) if (whiten and c.gram is not None) else None
-            if self.max_error is not None or self.budget is not None:
+            if bounded:
                 profiles[i] = error_profile(c.weight, c.gram, chols[i])
             if whiten and c.gram is None:
                 warnings.append(f"svd: {c.label}: not whitened ({c.note or 'no input statistics'}); plain SVD")
@@ -460,7 +459,7 @@ class LowRankSVD(Pass):
         for c in cands:
             if c.view is not None and c.key in grams:
                 c.gram = grams[c.key]
-                c.shrunk, c.shrinkage = shrink_gram(grams[c.key], rows[c.key], fourth[c.key])
+                c.shrunk = shrink_gram(grams[c.key], rows[c.key], fourth[c.key])[0]
 
     @staticmethod
     def _rewrite(model: Model, c: _Candidate, a: np.ndarray, b: np.ndarray) -> None:

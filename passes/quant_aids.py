@@ -333,7 +333,9 @@ def equalize_activations(model: Model, ctx: PassContext, skipped: list[tuple[str
         raise ValueError("alpha must be in [0, 1]")
     mids = {id(first): _mid_tensor(model, first).name for first, _ in pairs}
     ins = {id(first): first.inputs[0].name for first, _ in pairs}
-    stats = _channel_stats(model, ctx, sorted(set(mids.values()) | set(ins.values())))
+    # The first Conv's input power only enters the per-tensor weight noise (_quant_noise): not streamed
+    # (often an image-sized tensor) when weights are per channel.
+    stats = _channel_stats(model, ctx, sorted(set(mids.values()) | (set() if per_channel else set(ins.values()))))
     weights, biases, nodes = _pair_weights(model, pairs)
     done, alphas, spread_before, spread_after, ratios = 0, [], [], [], []
     changed: set[int] = set()

@@ -829,6 +829,11 @@ def _rescale(model: Model, node: gs.Node) -> tuple[gs.Tensor, float] | None:
 
 
 
+def _x86() -> bool:
+    """MLAS's x86 int8 convolution kernels (what align_channels and its pre-flight note are about)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _depthwise_convs(proto, names: set[str]) -> tuple[int, int]:
     """(quantized depthwise Convs among ``names``, how many of them have channels % 16 != 0)."""
     weights = {t.name: list(t.dims) for t in proto.graph.initializer}
@@ -1177,7 +1182,7 @@ class QuantizeInt8(Pass):
         chosen = {n.name for n in self._select(model, [])}
         counts = {"activations_decomposed": self._decompose(model, chosen, skipped),
                   "channels_added": self._align_channels(model, chosen, skipped),
-                  "flatten_to_nhwc": self._nhwc_flatten(model, chosen) if self.activation_type != "int16" else 0}
+                  "flatten_to_nhwc": self._nhwc_flatten(model, chosen, skipped) if self.activation_type != "int16" else 0}
         stats_extra.update({key: n for key, n in counts.items() if n})
         plan = self._plan(model, ctx, skipped)
         if plan is None:  # the aids may still have rewritten weights (exactly): say so
@@ -1456,7 +1461,7 @@ class QuantizeInt8(Pass):
         if depthwise:
             out["depthwise_int8"] = depthwise
             out["depthwise_int8_unaligned"] = unaligned
-            align = "" if not unaligned or platform.machine().lower() not in ("x86_64", "amd64") else (
+            align = "" if not unaligned or not _x86() else (
                 f"; {unaligned} of them have a channel count that is not a multiple of 16, which onnxruntime's "
                 f"faster x86 int8 depthwise kernel needs (measured: 72 channels 19 us, 80 channels 14 us)")
             warnings.append(f"quantize-int8: {depthwise} depthwise Conv layer(s) run in int8: onnxruntime's int8 "
@@ -1488,7 +1493,8 @@ class QuantizeInt8(Pass):
                 continue
             x, y = node.inputs[0], node.outputs[0]
             if not _fed_by(model, x, chosen):
-                continue  # its input stays float: nothing to gain
+                skipped.append((node.name, f"{node.op} kept in float: its input is not quantized"))
+                continue
             if node.op == "HardSwish":
                 alpha, beta, times_x = 1.0 / 6.0, 0.5, True
             else:
@@ -1542,7 +1548,7 @@ class QuantizeInt8(Pass):
 
         on = self.align_channels
         if on is None:
-            on = platform.machine().lower() in ("x86_64", "amd64")
+            on = _x86()
         if not on or self.activation_type == "int16" or self.int16_nodes or self.target_cosine is not None:
             return 0  # target_cosine: the fallback may keep padded layers in float (slower, for nothing)
         depthwise = [n for n in model.nodes if n.name in chosen and is_depthwise(model, n)
@@ -1583,7 +1589,7 @@ class QuantizeInt8(Pass):
         model.toposort()
         return int(sum(pads.values()))
 
-    def _nhwc_flatten(self, model: Model, chosen: set[str]) -> int:
+    def _nhwc_flatten(self, model: Model, chosen: set[str], skipped: list) -> int:
         """Flatten(axis=1) of an NCHW activation this pass quantizes -> Transpose(to NHWC) -> Flatten, with
         the rows of the Gemm/MatMul weights that read it permuted to match (the same function).
 
@@ -1595,14 +1601,18 @@ class QuantizeInt8(Pass):
         infos = None
         count = 0
         for node in list(model.nodes):
-            if node.op != "Flatten" or int(node.attrs.get("axis", 1)) != 1 or node.name in self.exclude:
+            if node.op != "Flatten" or int(node.attrs.get("axis", 1)) != 1:
                 continue
             x = node.inputs[0]
             if not _fed_by(model, x, chosen):
+                continue  # a float Flatten: not a candidate
+            if node.name in self.exclude:
+                skipped.append((node.name, "Flatten kept reading NCHW (excluded by option)"))
                 continue
             infos = infos if infos is not None else model.value_infos()
             dims = input_dims(infos[x.name]) if x.name in infos else []
             if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+                skipped.append((node.name, "Flatten kept reading NCHW (input not 4-D with static C, H, W)"))
                 continue
             c, h, w = dims[1:]
             new_weights = []
@@ -1621,6 +1631,8 @@ class QuantizeInt8(Pass):
                         break
                     new_weights.append((user, np.take(weight, order, axis=axis)))
                 if new_weights is None or model.is_graph_output(node.outputs[0]):
+                    skipped.append((node.name, "Flatten kept reading NCHW (its output is a graph output, or a "
+                                               "reader is not a MatMul/Gemm with its own constant weight)"))
                     continue
             for user, value in new_weights:
                 user.inputs[1] = tensor_from_array(model.unique_name(user.inputs[1].name + "_nhwc"), value)

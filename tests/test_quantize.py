@@ -723,6 +723,8 @@ def test_quantize_int8_flatten_with_other_readers_stays_nchw(tmp_path):
     out, report = onnxslim_kit.optimize(src, passes=["quantize-int8"])
     assert "flatten_to_nhwc" not in report.passes[0].stats and report.parity.ok
     assert not any(n.op_type == "Transpose" for n in out.graph.node)
+    flatten = next(n.name for n in src.graph.node if n.op_type == "Flatten")
+    assert any(name == flatten and "Flatten kept reading NCHW" in why for name, why in report.passes[0].skipped)
 
 
 def test_quantize_int8_nhwc_flatten_rewrite_alone_is_exact():
@@ -731,7 +733,8 @@ def test_quantize_int8_nhwc_flatten_rewrite_alone_is_exact():
     src = _conv_flatten_gemm(trans_b=1)
     model = Model.from_proto(src)
     p = QuantizeInt8()
-    assert p._nhwc_flatten(model, {n.name for n in p._select(model, [])}) == 1
+    skipped = []
+    assert p._nhwc_flatten(model, {n.name for n in p._select(model, [])}, skipped) == 1 and not skipped
     rewritten = model.to_proto()
     onnx.checker.check_model(rewritten, full_check=True)
     x = {"x": rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)}
