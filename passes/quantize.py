@@ -14,7 +14,6 @@ Shared (tied) weights are quantized once and the quantized tensor is shared too.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from typing import Any, Literal
 
@@ -859,14 +858,8 @@ class _RangeCollector:
                  activation_type: str = "uint8"):
         from onnxslim_kit.runtime import make_session
 
-        # Half the CPUs: optimize() computes the parity reference in a background thread meanwhile
-        # (measured on 2 cores, busy machine: resnet_tiny quantize-int8 wall 0.60 -> 0.48 s with 1 thread
-        # here instead of onnxruntime's default 2), unless a process default is set (analyze's
-        # evaluations run single-threaded: runtime.set_default_threads).
-        from onnxslim_kit.runtime import get_default_threads
-
-        threads = None if get_default_threads() is not None else max(1, (os.cpu_count() or 2) // 2)
-        self.session = make_session(with_outputs(model_proto, names, infos), optimize=False, threads=threads)
+        # Threads: the process default (optimize() halves it while the parity reference runs meanwhile).
+        self.session = make_session(with_outputs(model_proto, names, infos), optimize=False)
         self.names = names
         self.data = data
         self.track = track
