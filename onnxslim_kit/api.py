@@ -154,7 +154,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
         # 0.35 s wall for the 16 reference runs, 1 thread 0.07 s and 0.17 s).
         # Small models are checked on one thread too: an onnxruntime thread pool costs more to start than
         # it saves on a model of a few MB.
-        small = not streamed and proto.ByteSize() < SMALL_MODEL_BYTES
+        small = not streamed and before.bytes < SMALL_MODEL_BYTES  # the size model_stats already walked
         checker = ParityChecker(label if streamed else proto, data, progress=progress,
                                 threads=1 if small else None,
                                 reference_threads=None if streamed or check != "end" else 1)
@@ -178,54 +178,50 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     prefetching = checker is not None and not streamed and check == "end"
     share = (runtime.default_threads(max(1, (os.cpu_count() or 2) // 2))
              if prefetching and runtime.get_default_threads() is None else contextlib.nullcontext())
-    try:
-        with share:
-            result, records = pipeline.run(
-                working, ctx, per_pass=per_pass, tolerance_override=overrides,
-                checker=(lambda m, tol: checker.check(m if streamed else m.to_proto(), tol)) if per_pass else None)
-    except BaseException:
-        if checker is not None:
-            checker.close()  # a reference still running in its thread would abort the interpreter at exit
-        raise
+    with _close_on_error(checker), share:
+        result, records = pipeline.run(
+            working, ctx, per_pass=per_pass, tolerance_override=overrides,
+            checker=(lambda m, tol: checker.check(m if streamed else m.to_proto(), tol)) if per_pass else None)
     final_tol = _tolerance(pipeline.tolerance, tolerance)
     written = False
     after_bytes = None
     serialized = None
-    if streamed:
-        result.release_pages()
-        parity, out_proto = None, None
-        if output is not None:
-            def verify(tmp_model: str) -> None:
-                nonlocal parity, out_proto
-                if checker is not None:
-                    parity = checker.check(tmp_model, final_tol)
-                    if not parity.ok:
-                        raise _ParityFailed
-                out_proto = load_proto(tmp_model, load_external_data=False)
+    with _close_on_error(checker):  # until the check has joined the reference thread
+        if streamed:
+            result.release_pages()
+            parity, out_proto = None, None
+            if output is not None:
+                def verify(tmp_model: str) -> None:
+                    nonlocal parity, out_proto
+                    if checker is not None:
+                        parity = checker.check(tmp_model, final_tol)
+                        if not parity.ok:
+                            raise _ParityFailed
+                    out_proto = load_proto(tmp_model, load_external_data=False)
 
-            try:
-                result.save(output, external_data=True, verify=verify)
-                written = True
-            except _ParityFailed:
-                pass
-        elif checker is not None:
-            parity = checker.check(result, final_tol)
-        if out_proto is None and (output is None or locate):
-            out_proto = result.to_proto()  # returned with its weights, or needed to locate a divergence
-        elif out_proto is None:  # parity failed: the proto only feeds the report's stats
-            out_proto = result.to_proto(weights=False)
-            after_bytes = result.weight_bytes()
-    else:
-        out_proto = result.to_proto()
-        # Serialized once: the parity session is built from these bytes and the file is written from
-        # them (each was a serialization of its own, plus a size walk).
-        if (checker is not None or output is not None) and \
-                runtime.model_bytes_estimate(out_proto) < runtime.PROTO_LIMIT:
-            serialized = out_proto.SerializeToString(deterministic=True)
-        parity = checker.check(out_proto if serialized is None else serialized, final_tol) \
-            if checker is not None else None
-        if serialized is not None:
-            after_bytes = len(serialized)  # = out_proto.ByteSize(), what the stats would compute
+                try:
+                    result.save(output, external_data=True, verify=verify)
+                    written = True
+                except _ParityFailed:
+                    pass
+            elif checker is not None:
+                parity = checker.check(result, final_tol)
+            if out_proto is None and (output is None or locate):
+                out_proto = result.to_proto()  # returned with its weights, or needed to locate a divergence
+            elif out_proto is None:  # parity failed: the proto only feeds the report's stats
+                out_proto = result.to_proto(weights=False)
+                after_bytes = result.weight_bytes()
+        else:
+            out_proto = result.to_proto()
+            # Serialized once: the parity session is built from these bytes and the file is written from
+            # them (each was a serialization of its own, plus a size walk).
+            if (checker is not None or output is not None) and \
+                    runtime.model_bytes_estimate(out_proto) < runtime.PROTO_LIMIT:
+                serialized = out_proto.SerializeToString(deterministic=True)
+            parity = checker.check(out_proto if serialized is None else serialized, final_tol) \
+                if checker is not None else None
+            if serialized is not None:
+                after_bytes = len(serialized)  # = out_proto.ByteSize(), what the stats would compute
     found = None
     if parity is not None and not parity.ok and locate:
         found = checker.locate(out_proto, final_tol)
@@ -245,10 +241,22 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     if output is not None and not written:
         save_proto(out_proto, output, serialized=serialized)
         written = True
-        report.after.bytes = disk_bytes(output)
+        report.after.bytes = len(serialized) if serialized is not None else disk_bytes(output)
     report.written = written
     report.seconds = time.perf_counter() - start
     return out_proto, report
+
+
+@contextlib.contextmanager
+def _close_on_error(checker: ParityChecker | None):
+    """On any error, wait for the parity reference still running in its thread: a native thread left
+    inside onnxruntime aborts the interpreter at exit (exit 134)."""
+    try:
+        yield
+    except BaseException:
+        if checker is not None:
+            checker.close()
+        raise
 
 
 def _optimize_to_target(model, *, target, passes, recipe, tolerance, check, output, overwrite, save_recipe,

@@ -222,6 +222,7 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
                                           ("--holdout", holdout), ("--save-recipe", save_recipe),
                                           ("--cache", cache), ("--executor", executor != "local"),
                                           ("--objective", objective != "balanced"),
+                                          ("--confidence", confidence != 0.95),
                                           ("--latency-threads", latency_threads != 2),
                                           ("--latency-batch", latency_batch != 1)) if value]
         if given:

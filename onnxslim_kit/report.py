@@ -239,11 +239,11 @@ def render_search(result) -> str:
     lines = [f"search: target {result.target.describe()}, metric {result.metric}; {result.candidates} candidate(s) "
              f"from {len(result.analysis.evaluations) if result.analysis else 0} evaluation(s); "
              f"{result.verifications} end-to-end verification(s); {result.seconds:.1f}s", ""]
-    for t, ratio in getattr(result, "probe", {}).items():
+    for t, ratio in result.probe.items():
         lines.append(f"latency probe: {t}, every candidate layer at once: "
                      + (f"{ratio:.3f}x the original" if ratio is not None else "does not build uniformly, not timed")
                      + (" -> not used (slower)" if t in result.excluded else ""))
-    if getattr(result, "probe", None):
+    if result.probe:
         lines.append("")
     lines.append(table(["layer", "op", "technique", "predicted drop", "damage", "MACs saved", "bytes saved"], rows)
                  if rows else "(empty plan: cleanup only)")
@@ -265,8 +265,8 @@ def render_search(result) -> str:
                  f"({result.size_ratio:.4f}x), MACs {macs}"
                  + (f", latency {result.latency_ratio:.3f}x" if result.latency_ratio is not None else ""))
     if result.recipe_path:
-        rows_per_feed = {len(next(iter(f.values()))) for f in result.fit_feeds if f}
-        if result.recipe_calibration:
+        if result.recipe_calibration:  # the feeds stacked into one array per input: every one has rows
+            rows_per_feed = {len(next(iter(f.values()))) for f in result.fit_feeds if f}
             batch = f" --batch-size {rows_per_feed.pop()}" if len(rows_per_feed) == 1 and 1 not in rows_per_feed else ""
             lines.append(f"recipe: {result.recipe_path}; replay: onnxslim-kit optimize {result.source} -o OUT "
                          f"--recipe {result.recipe_path} --calib {result.recipe_calibration}{batch}")
