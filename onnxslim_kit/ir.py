@@ -416,6 +416,12 @@ class Model:
         quadratic: ~26 ms a run on a small opset-11 model's Constant folding)."""
         self._tensor_map = None
 
+    def reset_names(self) -> None:
+        """Forget the used-name set (rebuilt by the next :meth:`unique_name`): the pipeline does so before
+        each pass, so a pass that named something without :meth:`unique_name` (a plugin) does not leave
+        a stale set to the next one."""
+        self._names = None
+
     def tensors(self) -> dict[str, gs.Tensor]:
         """Cached name -> tensor map of the main graph (graphsurgeon's ``tensors()`` walks every node)."""
         if self._tensor_map is None:

@@ -190,6 +190,7 @@ class Pipeline:
             record = PassRecord(name=p.name, options=p.options(), nodes_before=len(model.nodes))
             backup = model.copy() if per_pass and checker is not None else None
             start = time.perf_counter()
+            model.reset_names()
             result = p(model, ctx)
             swept = result.model.cleanup()
             result.model.release_pages()  # weights the pass read from memory maps leave memory again

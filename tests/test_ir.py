@@ -347,3 +347,14 @@ def test_ir_tensor_map_matches_graphsurgeon_tensors():
     onnx.checker.check_model(out, full_check=True)
     x = np.linspace(-8, 8, 6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(run_model(out, {"x": x})[0], np.clip(x, 0, 6))
+
+
+def test_ir_unique_name_after_reset_sees_names_added_without_it():
+    from builders import relu_chain
+    from onnxslim_kit.ir import Model
+
+    model = Model.from_proto(relu_chain(2))
+    assert model.unique_name("x") == "x"            # builds the used-name set
+    model.graph.nodes[0].outputs[0].name = "plugin"  # a rename that bypassed unique_name
+    model.reset_names()
+    assert model.unique_name("plugin") == "plugin_1"
