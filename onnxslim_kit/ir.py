@@ -1137,7 +1137,8 @@ def _kahn(nodes: list[gs.Node]) -> list[gs.Node]:
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
                verify: Callable[[str], None] | None = None, pending: list | None = None,
                serialized: bytes | None = None) -> None:
-    """Write atomically: into a temporary folder beside the destination, then rename into place.
+    """Write atomically: into a temporary file (with external data: a temporary folder) beside the
+    destination, then rename into place.
 
     ``external_data=None`` stores weights in ``<name>.data`` only when the model is above 2 GB.
     ``verify(tmp_model_path)`` runs on the complete written model before the rename (the parity gate
@@ -1160,18 +1161,19 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if external_data is None:
         external_data = runtime.model_bytes_estimate(proto) >= runtime.PROTO_LIMIT
     if not external_data:
+        if pending:
+            raise ValueError("save_proto: pending weight stubs are written only with external data")
         _save_single_file(proto.SerializeToString(deterministic=True), dest, verify)
         return
     tmp = tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     try:
         tmp_model = os.path.join(tmp, dest.name)
         data_name = dest.name + ".data"
-        if external_data:
-            if pending is None:
-                out = onnx.ModelProto()
-                out.CopyFrom(proto)  # the payloads move to the file: do not strip the caller's proto
-                proto = out
-            write_external_data(proto, os.path.join(tmp, data_name), data_name, pending or [])
+        if pending is None:
+            out = onnx.ModelProto()
+            out.CopyFrom(proto)  # the payloads move to the file: do not strip the caller's proto
+            proto = out
+        write_external_data(proto, os.path.join(tmp, data_name), data_name, pending or [])
         with open(tmp_model, "wb") as fh:
             fh.write(proto.SerializeToString(deterministic=True))
             fh.flush()

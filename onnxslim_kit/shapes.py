@@ -86,25 +86,12 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
 
 def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every value's inferred type and shape by name (graph inputs, outputs, intermediates and
-    initializers), from onnx shape inference with inferred output types (what :func:`infer_shapes`
-    with ``outputs=True`` would annotate, read without copying the model)."""
+    initializers): what :func:`infer_shapes` with ``outputs=True`` annotates, on a light copy (the
+    model's own annotations when inference fails)."""
     out = {t.name: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
            for t in model.graph.initializer}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light_copy(model), check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - as infer_shapes: the model's own annotations
-        logger.info("shape inference failed, keeping the model's annotations: %s", exc)
-        for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-            out[vi.name] = vi
-        return out
-    known = {vi.name for vi in model.graph.input} | {vi.name for vi in model.graph.output}
-    for vi in model.graph.input:
-        out[vi.name] = vi
-    for vi in inferred.graph.value_info:
-        if vi.name not in known:
-            out[vi.name] = vi
-    for vi in inferred.graph.output:
+    inferred = infer_shapes(light_copy(model), outputs=True, in_place=True, stripped=True)
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         out[vi.name] = vi
     return out
 
