@@ -67,7 +67,7 @@ from .parity import _json_float, metrics_for
 from .pass_base import PassContext, Tolerance
 from .pipeline import Pipeline, build_pass, parse_spec
 from .registry import get_pass, pass_options
-from .runtime import PROTO_LIMIT, make_session, model_bytes_estimate, time_sessions
+from .runtime import PROTO_LIMIT, make_session, model_bytes_estimate, run_feeds, time_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -503,19 +503,8 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     label_array = load_labels(labels, sum(counts))
 
     # Reference outputs of the original (1 thread, no graph optimizations, as the parity gate does).
-    try:
-        ref_session = make_session(original, optimize=False, threads=1)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{label}: does not load in onnxruntime ({type(exc).__name__})") from None
-    output_names = [o.name for o in ref_session.get_outputs()]
-    reference = []
-    for i, feed in enumerate(feeds):
-        try:
-            reference.append(dict(zip(output_names, ref_session.run(output_names, feed))))
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{label}: fails on calibration batch {i} of {data.source} "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    del ref_session
+    reference = run_feeds(original, feeds, optimize=False, threads=1, label=label, source=data.source)
+    output_names = [o.name for o in original.graph.output]
 
     # Baseline: the original after cleanup, every candidate layer named.
     ctx = PassContext(calibration=data, calibration_is_random=data.is_random, input_shapes=shapes, seed=seed,

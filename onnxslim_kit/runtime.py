@@ -28,6 +28,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 # protobuf refuses to serialize a message >= 2 GiB; stay clear of the limit.
@@ -163,14 +165,28 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize
 
 
 def run_feeds(model: onnx.ModelProto | str | os.PathLike, feeds, *, optimize: bool = True,
-              threads: int | None = None) -> list[dict[str, np.ndarray]]:
-    """``{output: array}`` for every feed, from one session that is released afterwards."""
-    session = make_session(model, optimize=optimize, threads=threads)
-    names = [o.name for o in session.get_outputs()]
+              threads: int | None = None, label: str | None = None, source: str = "the feeds"
+              ) -> list[dict[str, np.ndarray]]:
+    """``{output: array}`` for every feed, from one session released afterwards. With ``label`` (the
+    model as the user named it), onnxruntime failures become one-line InputErrors naming it and the
+    failing batch of ``source``."""
     try:
-        return [dict(zip(names, session.run(names, feed))) for feed in feeds]
-    finally:
-        del session
+        session = make_session(model, optimize=optimize, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        if label is None:
+            raise
+        raise InputError(f"{label}: does not load in onnxruntime ({type(exc).__name__})") from None
+    names = [o.name for o in session.get_outputs()]
+    outputs = []
+    for i, feed in enumerate(feeds):
+        try:
+            outputs.append(dict(zip(names, session.run(names, feed))))
+        except Exception as exc:  # noqa: BLE001
+            if label is None:
+                raise
+            raise InputError(f"{label}: fails on calibration batch {i} of {source} "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    return outputs
 
 
 ORT_TYPE_TO_NUMPY = {
