@@ -222,10 +222,12 @@ class QuantizeDynamic(Pass):
                                                  inputs=[looked_up, s_t, zp_t], outputs=[out]))
                 done += 1
             model.invalidate()
+        # (W or R tensor id) -> its quantized, scale and zero-point constants: tied LSTM weights once too
+        lstm_cache: dict[int, list[gs.Constant]] = {}
         if "LSTM" in self.op_types:
             for node in list(model.nodes):
                 if node.op == "LSTM" and (node.domain or "") in ("", "ai.onnx"):
-                    saved = self._lstm(model, node, skipped)
+                    saved = self._lstm(model, node, skipped, lstm_cache)
                     if saved:
                         done += 1
                         weight_bytes_before += saved[0]
@@ -234,11 +236,12 @@ class QuantizeDynamic(Pass):
             if node.op == "Attention" and node.domain == "com.microsoft":
                 skipped.append((node.name or "<Attention>", "com.microsoft Attention kept in float (not quantized "
                                                              "by this pass; export the unfused MatMuls instead)"))
-        stats = {"nodes_quantized": done, "weights_quantized": len(cache),
+        stats = {"nodes_quantized": done, "weights_quantized": len(cache) + len(lstm_cache),
                  "weight_bytes_before": weight_bytes_before, "weight_bytes_after": weight_bytes_after}
         return PassResult(model, done > 0, stats, skipped)
 
-    def _lstm(self, model: Model, node: gs.Node, skipped: list) -> tuple[int, int] | None:
+    def _lstm(self, model: Model, node: gs.Node, skipped: list, cache: dict[int, list[gs.Constant]]
+              ) -> tuple[int, int] | None:
         """LSTM -> com.microsoft.DynamicQuantizeLSTM: W [dirs, 4H, in] and R [dirs, 4H, H] quantized to
         int8 (symmetric, one scale per gate row, or per direction), stored transposed as the contrib op
         reads them ([dirs, in, 4H], [dirs, H, 4H]); the input is quantized at run time inside the op."""
@@ -259,15 +262,23 @@ class QuantizeDynamic(Pass):
         base = node.name or model.unique_name("lstm")
         new_inputs = [node.inputs[0]]
         scales = []
-        for name, value in (("W", w), ("R", r)):
-            dirs, rows, cols = value.shape
-            flat = value.reshape(dirs * rows, cols) if self.per_channel else value.reshape(dirs, rows * cols)
-            q, scale = quantize_weight_symmetric(flat, axis=0, reduce_range=self.reduce_range)
-            q = q.reshape(dirs, rows, cols).transpose(0, 2, 1)
-            shape = (dirs, rows) if self.per_channel else (dirs,)
-            new_inputs.append(gs.Constant(model.unique_name(f"{base}_{name}_quantized"), np.ascontiguousarray(q)))
-            scales += [gs.Constant(model.unique_name(f"{base}_{name}_scale"), scale.reshape(shape).astype(np.float32)),
-                       gs.Constant(model.unique_name(f"{base}_{name}_zero_point"), np.zeros(shape, np.int8))]
+        before = after = 0
+        for index, name, value in ((1, "W", w), (2, "R", r)):
+            key = id(node.inputs[index])
+            if key not in cache:
+                dirs, rows, cols = value.shape
+                flat = value.reshape(dirs * rows, cols) if self.per_channel else value.reshape(dirs, rows * cols)
+                q, scale = quantize_weight_symmetric(flat, axis=0, reduce_range=self.reduce_range)
+                q = q.reshape(dirs, rows, cols).transpose(0, 2, 1)
+                shape = (dirs, rows) if self.per_channel else (dirs,)
+                cache[key] = [
+                    gs.Constant(model.unique_name(f"{base}_{name}_quantized"), np.ascontiguousarray(q)),
+                    gs.Constant(model.unique_name(f"{base}_{name}_scale"), scale.reshape(shape).astype(np.float32)),
+                    gs.Constant(model.unique_name(f"{base}_{name}_zero_point"), np.zeros(shape, np.int8))]
+                before += value.nbytes
+                after += value.size + cache[key][1].values.nbytes
+            new_inputs.append(cache[key][0])
+            scales += cache[key][1:]
         for i in range(3, 8):  # B, sequence_lens, initial_h, initial_c, P
             new_inputs.append(node.inputs[i] if len(node.inputs) > i else gs.Variable.empty())
         attrs = {k: v for k, v in node.attrs.items() if k != "layout"}
@@ -278,7 +289,7 @@ class QuantizeDynamic(Pass):
         model.graph.nodes.remove(node)
         model.graph.nodes.append(quant)
         model.invalidate()
-        return w.nbytes + r.nbytes, w.size + r.size + sum(s.values.nbytes for s in scales[0::2])
+        return before, after
 
     @staticmethod
     def _rewrite(model: Model, node: gs.Node, q_t: gs.Constant, zp_t: gs.Constant, scale: np.ndarray,

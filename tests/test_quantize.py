@@ -971,3 +971,25 @@ def test_quantize_int8_symmetric_activations_keep_gemm_before_relu_integer(tmp_p
     assert fused.count("QGemm") == 2 and "FusedGemm" not in fused and "Gemm" not in fused
     assert report.parity.ok
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_quantize_dynamic_tied_lstm_weights_are_quantized_once():
+    """Two LSTMs reading the same W and R: one set of int8 weights, scales and zero points, both read it."""
+    src = _lstm_model()
+    first = src.graph.node[0]
+    second = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y2", "y2_h"], name="lstm2", hidden_size=32,
+                              direction="forward")
+    src.graph.node.append(second)
+    y2 = src.graph.output.add()
+    y2.CopyFrom(src.graph.output[0])
+    y2.name = "y2"
+    assert first.input[1:3] == second.input[1:3]
+    x = {"x": rng(5).standard_normal((6, 2, 16)).astype(np.float32)}
+    out, report = onnxslim_kit.optimize(src, passes=["quantize-dynamic"], calibration=x)
+    onnx.checker.check_model(out, full_check=True)
+    stats = report.passes[0].stats
+    assert stats["nodes_quantized"] == 2 and stats["weights_quantized"] == 2 and report.parity.ok
+    lstms = [n for n in out.graph.node if n.op_type == "DynamicQuantizeLSTM"]
+    assert len(lstms) == 2 and list(lstms[0].input) == list(lstms[1].input)
+    w_bytes = sum(onnx.numpy_helper.to_array(t).nbytes for t in src.graph.initializer if t.name in ("W", "R"))
+    assert stats["weight_bytes_before"] == w_bytes
