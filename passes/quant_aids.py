@@ -185,9 +185,10 @@ def find_cle_pairs(model: Model, skipped: list[tuple[str, str]]) -> list[tuple[g
 
 
 def equalize(model: Model, skipped: list[tuple[str, str]], *, iterations: int = 20,
-             settle: float = 1e-4) -> dict[str, float]:
-    """Cross-layer equalization of every eligible Conv pair's weight ranges, in place. Float-exact."""
-    pairs = find_cle_pairs(model, skipped)
+             settle: float = 1e-4, pairs: list[tuple[gs.Node, gs.Node]] | None = None) -> dict[str, float]:
+    """Cross-layer equalization of every eligible Conv pair's weight ranges, in place. Float-exact.
+    ``pairs``: :func:`find_cle_pairs`' result when the caller has it (then nothing is recorded again)."""
+    pairs = find_cle_pairs(model, skipped) if pairs is None else pairs
     if not pairs:
         return {"pairs_equalized": 0}
     weights, biases, nodes = _pair_weights(model, pairs)
@@ -314,7 +315,8 @@ def _quant_noise(s: np.ndarray, mid: dict[str, np.ndarray], w1: np.ndarray, w2: 
 
 
 def equalize_activations(model: Model, ctx: PassContext, skipped: list[tuple[str, str]], *,
-                         per_channel: bool = True, alpha: float | None = None) -> dict[str, float]:
+                         per_channel: bool = True, alpha: float | None = None,
+                         pairs: list[tuple[gs.Node, gs.Node]] | None = None, note: str = "") -> dict[str, float]:
     """Activation-aware cross-layer equalization, in place (float-exact up to rounding).
 
     For each Conv -> [Relu | LeakyRelu | PRelu] -> Conv pair (find_cle_pairs), the per-channel RMS r_act
@@ -325,8 +327,9 @@ def equalize_activations(model: Model, ctx: PassContext, skipped: list[tuple[str
     grid fine. ``alpha`` None: per pair, the a with the least expected output noise under
     quantize-int8's grids (_quant_noise), or no rescaling unless that gains >= 1 dB; per-channel weights
     absorb the scales of the first Conv and of a depthwise second Conv exactly, so there the activation
-    channels are usually equalized fully. Skipped pairs are recorded with the reason."""
-    pairs = find_cle_pairs(model, skipped)
+    channels are usually equalized fully. Skipped pairs are recorded with the reason, after ``note``.
+    ``pairs``: :func:`find_cle_pairs`' result when the caller has it (then nothing is recorded again)."""
+    pairs = find_cle_pairs(model, skipped) if pairs is None else pairs
     if not pairs:
         return {"pairs_equalized": 0}
     if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -344,14 +347,14 @@ def equalize_activations(model: Model, ctx: PassContext, skipped: list[tuple[str
         w1, w2 = weights[id(first)], weights[id(second)]
         group = int(second.attrs.get("group", 1))
         if mid is None or mid["lo"].shape[0] != w1.shape[0] or not np.isfinite(mid["hi"]).all():
-            skipped.append((_label(first), "not equalized: no calibration values for the tensor between the Convs"))
+            skipped.append((_label(first), note + "not equalized: no calibration values for the tensor between the Convs"))
             continue
         r_act = np.sqrt(mid["m2"])          # RMS, not max: see equalize_activations' docstring
         r_max = np.maximum(np.abs(mid["lo"]), np.abs(mid["hi"]))
         r_w2 = np.abs(_in_channel_view(w2, group)).max(axis=1)
         live = (r_max > 0) & (r_w2 > 0)
         if not live.any():
-            skipped.append((_label(first), "not equalized: every channel between the Convs is zero"))
+            skipped.append((_label(first), note + "not equalized: every channel between the Convs is zero"))
             continue
         inp = stats.get(ins[id(first)])
         in_power = float(inp["m2"].mean()) if inp is not None else 0.0
@@ -370,7 +373,7 @@ def equalize_activations(model: Model, ctx: PassContext, skipped: list[tuple[str
         spread_before.append(float(r_max.max() / np.median(r_max[live])))
         if a is None:
             spread_after.append(spread_before[-1])
-            skipped.append((_label(first), "not equalized: no rescaling lowers the expected quantization noise "
+            skipped.append((_label(first), note + "not equalized: no rescaling lowers the expected quantization noise "
                                            "by 1 dB or more"))
             continue
         ra = r_max / s

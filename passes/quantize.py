@@ -1207,14 +1207,15 @@ class QuantizeInt8(Pass):
         weights exactly as _quantize_weights will round them (passes/quant_aids.py)."""
         stats: dict[str, float] = {}
         undo: dict = {}
+        if self._equalize_mode:
+            pairs = quant_aids.find_cle_pairs(model, skipped)  # once: the weight step keeps the nodes
         if self._equalize_mode in ("weights", "both"):
-            stats.update(quant_aids.equalize(model, skipped))
+            stats.update(quant_aids.equalize(model, skipped, pairs=pairs))
         if self._equalize_mode in ("activations", "both"):
-            act_skipped = [] if self._equalize_mode == "both" else skipped  # "both": one list of pair reasons
-            act_stats = quant_aids.equalize_activations(model, ctx, act_skipped, per_channel=per_channel)
-            if self._equalize_mode == "both":
-                skipped.extend((node, "activation step of equalize=both: " + reason.split("not equalized: ")[-1])
-                               for node, reason in act_skipped if "quantization noise" in reason)
+            both = self._equalize_mode == "both"
+            act_stats = quant_aids.equalize_activations(model, ctx, skipped, per_channel=per_channel, pairs=pairs,
+                                                        note="activation step of equalize=both: " if both else "")
+            if both:
                 act_stats["pairs_equalized_activations"] = act_stats.pop("pairs_equalized")
             stats.update(act_stats)
         if self.smoothquant is not None:
