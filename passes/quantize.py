@@ -844,21 +844,6 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _depthwise_convs(proto, names: set[str]) -> tuple[int, int]:
-    """(quantized depthwise Convs among ``names``, how many of them have channels % 16 != 0)."""
-    weights = {t.name: list(t.dims) for t in proto.graph.initializer}
-    count = unaligned = 0
-    for node in proto.graph.node:
-        if node.op_type != "Conv" or node.name not in names:
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        dims = weights.get(node.input[1]) if len(node.input) > 1 else None
-        if group > 1 and dims and dims[0] == group and dims[1] == 1:
-            count += 1
-            unaligned += int(group % 16 != 0)
-    return count, unaligned
-
-
 class _RangeCollector:
     """Streams per-tensor statistics over calibration feeds: running min/max, and for percentile a
     fixed-bin histogram of |x| collected in a second pass (memory stays bounded: FIELD-NOTES 14)."""
@@ -1196,9 +1181,14 @@ class QuantizeInt8(Pass):
         if self.target_cosine is not None:
             excluded = self._sensitivity_fallback(plan, ctx, per_channel, skipped, stats_extra)
             quant_aids.undo_bias_correction(model, undo, excluded)  # float layers keep their own bias
+        compute = [n for n in plan["compute"] if n not in excluded]
+        from passes.channel_groups import is_depthwise
+
+        names = set(compute)
+        depthwise = [n for n in model.nodes if n.name in names and is_depthwise(model, n)]  # weights still float
         stats = self._apply(model, plan, excluded, per_channel)
         stats.update(stats_extra)
-        stats.update(self._preflight(plan["proto"], [n for n in plan["compute"] if n not in excluded], ctx, warnings))
+        stats.update(self._preflight(plan["proto"], compute, ctx, warnings, depthwise))
         modified = stats["nodes_quantized"] > 0 or stats["activations_quantized"] > 0
         return PassResult(model, modified, stats, skipped, warnings)
 
@@ -1445,8 +1435,10 @@ class QuantizeInt8(Pass):
         return excluded
 
     @staticmethod
-    def _preflight(proto, compute: list[str], ctx: PassContext, warnings: list[str]) -> dict:
-        """What share of the model's MACs now runs in int8, and whether the CPU has int8 dot products."""
+    def _preflight(proto, compute: list[str], ctx: PassContext, warnings: list[str], depthwise: list[gs.Node]
+                   ) -> dict:
+        """What share of the model's MACs now runs in int8, whether the CPU has int8 dot products, and
+        the int8 ``depthwise`` Convs (how many of them not 16-channel aligned)."""
         from onnxslim_kit.metrics import model_macs
         from onnxslim_kit.runtime import cpu_int8_dot_product
 
@@ -1462,7 +1454,8 @@ class QuantizeInt8(Pass):
             logger.info("MAC share not computed: %s", exc)
         isa = cpu_int8_dot_product()
         out["cpu_int8_dot_product"] = int(isa is not None)
-        depthwise, unaligned = _depthwise_convs(proto, set(compute))
+        unaligned = sum(int(n.attrs.get("group", 1)) % 16 != 0 for n in depthwise)
+        depthwise = len(depthwise)
         if depthwise:
             out["depthwise_int8"] = depthwise
             out["depthwise_int8_unaligned"] = unaligned
