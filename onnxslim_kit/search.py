@@ -58,7 +58,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -81,7 +81,13 @@ TARGET_KINDS = ("accuracy_drop", "size", "latency")
 FAMILY = {"prune-channels": "prune", "prune-weights": "prune", "svd": "lowrank", "quantize-int8": "quantize",
           "quantize-weights": "quantize", "quantize-dynamic": "quantize", "fp16": "quantize"}
 FAMILY_ORDER = ("prune", "lowrank", "quantize", "other")
+# Techniques that come in levels (option, +1 when a larger value is stronger): a plan holds one level per
+# layer and may raise it (tests/test_search.py).
+LEVELS = {"prune-channels": ("ratio", 1.0), "svd": ("energy", -1.0)}
 SINGLE_REVERTS = 3
+# accuracy_drop: build and score each technique on all its candidate layers of one op type, and take such
+# whole groups first while their measured drop fits (False: single-layer predictions only).
+WHOLE_GROUPS = True
 # What an accuracy_drop search minimises besides the drop. balanced: MACs + bytes, and a technique that
 # makes the model slower on this machine (its uniform application, timed before the greedy) is not used;
 # size: bytes (and MACs) only, nothing timed.
@@ -465,23 +471,78 @@ def _compatible(families: set[str], family: str) -> bool:
     return family not in families and family != "other" or not families
 
 
+def _level(technique: str) -> tuple[str, tuple, float] | None:
+    """(pass, its other options, strength) of a technique that comes in levels of one option: a layer's
+    pruning ratio (or svd energy) can be raised inside a plan, the stronger level replacing the weaker."""
+    name, options = parse_spec(technique)
+    option, sign = LEVELS.get(name, (None, 0.0))
+    if option is None or option not in options:
+        return None
+    try:
+        value = float(options[option])
+    except ValueError:
+        return None
+    return name, tuple(sorted((k, v) for k, v in options.items() if k != option)), sign * value
+
+
+def _weaker(c: PlanEntry, entries: list[PlanEntry]) -> PlanEntry | None:
+    """The entry of ``entries`` that ``c`` would upgrade: same layer, same pass and other options, a
+    weaker level. None when there is none (``c`` is then placed by the family rule)."""
+    mine = _level(c.technique)
+    if mine is None:
+        return None
+    for e in entries:
+        if e.layer == c.layer and _family(e.technique) == _family(c.technique):
+            theirs = _level(e.technique)
+            return e if theirs is not None and theirs[:2] == mine[:2] and theirs[2] < mine[2] else None
+    return None
+
+
+def _merged(plan: list[PlanEntry], added: list[PlanEntry]) -> list[PlanEntry]:
+    """``plan`` + ``added``, an added upgrade replacing the weaker level of its layer."""
+    out = list(plan)
+    for c in added:
+        old = _weaker(c, out)
+        if old is not None:
+            out.remove(old)
+        out.append(c)
+    return out
+
+
 def build_pipeline(entries: list[PlanEntry], layer_order: list[str]) -> Pipeline:
     """``cleanup`` + one pass per technique with its layers as ``include`` (families in pipeline
-    order, layers in graph order; a factored layer's quantization includes both factors)."""
+    order, layers in graph order; a factored layer's quantization includes both factors).
+    prune-channels at several ratios is one pass with per-layer ``layer_ratios``: a coupled group is
+    pruned once, at the smallest ratio its layers have in the plan, never twice."""
     by_technique: dict[str, list[str]] = {}
     factored = {e.layer for e in entries if _family(e.technique) == "lowrank"}
+    ratios: dict[tuple, dict[str, str]] = {}   # prune-channels' other options -> layer -> ratio
     for e in entries:
+        level = _level(e.technique)
+        if level is not None and level[0] == "prune-channels":
+            ratios.setdefault(level[1], {})[e.layer] = parse_spec(e.technique)[1]["ratio"]
+            continue
         by_technique.setdefault(e.technique, []).append(e.layer)
         if _family(e.technique) == "quantize" and e.layer in factored:
             # svd keeps the layer's name on the second factor and names the first LAYER_factor_a.
             by_technique[e.technique].append(e.layer + "_factor_a")
     rank = {layer: i for i, layer in enumerate(layer_order)}
+
+    def ordered(layers):
+        return sorted(layers, key=lambda n: (rank.get(n.removesuffix("_factor_a"), len(rank)), n))
+
+    jobs = [(t, *parse_spec(t), by_technique[t]) for t in by_technique]
+    for rest, per_layer in ratios.items():
+        levels = sorted(set(per_layer.values()), key=float)
+        options = {**dict(rest), "ratio": levels[0]}
+        if len(levels) > 1:
+            options["layer_ratios"] = [f"{n}={per_layer[n]}" for n in ordered(per_layer)]
+        jobs.append(("prune-channels:" + ",".join(f"{k}={v}" for k, v in sorted(options.items())
+                                                   if k != "layer_ratios"), "prune-channels", options, list(per_layer)))
+    jobs.sort(key=lambda j: (FAMILY_ORDER.index(FAMILY.get(j[1], "other")), j[0]))
     passes = [build_pass("cleanup", {})]
-    techniques = sorted(by_technique, key=lambda t: (FAMILY_ORDER.index(FAMILY.get(parse_spec(t)[0], "other")), t))
-    for t in techniques:
-        name, options = parse_spec(t)
-        layers = sorted(by_technique[t], key=lambda n: (rank.get(n.removesuffix("_factor_a"), len(rank)), n))
-        passes.append(build_pass(name, {**options, "include": layers}))
+    for _, name, options, layers in jobs:
+        passes.append(build_pass(name, {**options, "include": ordered(layers)}))
     return Pipeline(passes)
 
 
@@ -589,6 +650,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     ref_all = _run(original, s_feeds + h_feeds, optimize=False)  # one reference session for both shares
     ref_s, ref_h = ref_all[:len(s_feeds)], (ref_all[len(s_feeds):] if h_feeds else None)
     base_s = scorer.baseline(ref_s, s_labels)
+    base_o = scorer.baseline(ref_s[:len(other_feeds)], s_labels[:sum(s_counts[i] for i in ver_pos)]
+                             if s_labels is not None else None)
     orig_stats = model_stats(original, shapes or None)
     original_sizes = {"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes}
 
@@ -707,11 +770,16 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     used: dict[str, set[str]] = {}
     chosen: dict[str, str] = {}   # family -> technique, for the families one pipeline can hold once
 
-    def fits(c: PlanEntry) -> bool:
+    def fits(c: PlanEntry, among: list[PlanEntry] | None = None) -> bool:
         family = _family(c.technique)
         if family == "quantize" and chosen.get(family, c.technique) != c.technique:
             return False   # a quantization pass refuses an already quantized model: one per plan
-        return _compatible(used.get(c.layer, set()), family)
+        return _compatible(used.get(c.layer, set()), family) or _weaker(c, plan if among is None else among) is not None
+
+    def cost(c: PlanEntry, among: list[PlanEntry], value: Callable[[PlanEntry], float]) -> float:
+        """``value`` of ``c`` less that of the weaker level it replaces."""
+        old = _weaker(c, among)
+        return value(c) - (value(old) if old is not None else 0.0)
 
     def mark(c: PlanEntry) -> None:
         used.setdefault(c.layer, set()).add(_family(c.technique))
@@ -725,6 +793,9 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             mark(e)
 
     def take(c: PlanEntry) -> None:
+        old = _weaker(c, plan)
+        if old is not None:
+            plan.remove(old)
         plan.append(c)
         mark(c)
 
@@ -743,18 +814,21 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             room = tgt.value - verified_drop(current)
             chunk, acc = [], 0.0
             for c in cands:
-                if len(chunk) >= cap or c in plan or (c.technique, c.layer) in rejected or not fits(c):
+                if len(chunk) >= cap or c in plan or (c.technique, c.layer) in rejected or \
+                        not fits(c, plan + chunk):
                     continue
-                if chunk and acc + c.predicted_drop * scale > room + eps:
+                more = cost(c, plan + chunk, lambda e: e.predicted_drop) * scale
+                if chunk and acc + more > room + eps:
                     continue
                 chunk.append(c)
                 mark(c)
-                acc += c.predicted_drop * scale
+                acc += more
             if not chunk:
                 break
-            trial = build(plan + chunk, f"extend +{len(chunk)}")
+            trial_plan = _merged(plan, chunk)
+            trial = build(trial_plan, f"extend +{len(chunk)}")
             if is_met(trial):
-                plan = plan + chunk
+                plan = trial_plan
                 current = trial
                 cap = len(cands)
                 continue
@@ -767,11 +841,45 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     message = ""
     if tgt.kind == "accuracy_drop":
         total = 0.0
+        # Whole groups first: single-layer drops do not add up (int8 layers share their error; one int8
+        # layer alone pays for its own Q/DQ), so each technique applied to all its candidate layers of one
+        # op type is built and scored too, and taken whole while its measured drop fits. The plan can thus
+        # always be at least what a uniform application per op type is; single layers then fill the rest.
+        n_other = sum(s_counts[i] for i in ver_pos)
+        groups: dict[str, list[PlanEntry]] = {}
         for c in cands:
-            if not fits(c) or total + c.predicted_drop > tgt.value + eps:
+            groups.setdefault(_group(c), []).append(c)
+        joint: dict[str, float] = {}
+        for key, members in groups.items():
+            if len(members) < 2 or not WHOLE_GROUPS:
+                continue
+            try:
+                proto_g = fitted(members, fit_data)[0].to_proto()
+            except OnnxSlimError as exc:
+                logger.info("group %s does not build on all its layers at once (%s)", key, exc)
+                continue
+            joint[key] = max(0.0, base_o - scorer.score(_run(proto_g, other_feeds), ref_s[:len(other_feeds)],
+                                                       s_labels[:n_other] if s_labels is not None else None))
+        taken_groups: dict[tuple, float] = {}   # (pass, other options, op) -> the joint drop taken
+        for key in sorted(joint, key=lambda k: (joint[k] / max(eps, sum(saved(c) for c in groups[k])), k)):
+            members = groups[key]
+            level = _level(members[0].technique)
+            slot = (level[0], level[1], members[0].op) if level is not None else (key,)
+            more = joint[key] - taken_groups.get(slot, 0.0)
+            if total + more > tgt.value + eps or not all(fits(c) for c in members):
+                continue
+            weight = sum(saved(c) for c in members)
+            for c in members:   # the joint drop shared by what each member saves (for reverts/extends)
+                take(replace(c, predicted_drop=joint[key] * saved(c) / weight if weight > eps else
+                             joint[key] / len(members)))
+            taken_groups[slot] = joint[key]
+            total += more
+        for c in cands:
+            more = cost(c, plan, lambda e: e.predicted_drop)
+            if not fits(c) or total + more > tgt.value + eps:
                 continue
             take(c)
-            total += c.predicted_drop
+            total += more
         current = build(plan, "greedy")
         if is_met(current):
             current = extend(current, total)
@@ -814,8 +922,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 c = remaining.pop(0)
                 if not fits(c):
                     continue
+                need -= cost(c, plan, fraction)
                 take(c)
-                need -= fraction(c)
                 added += 1
             return added
 

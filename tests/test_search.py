@@ -17,6 +17,8 @@ from onnxslim_kit.errors import InputError
 from onnxslim_kit.metrics import model_stats
 from onnxslim_kit.usermetric import load_labels, parse_metric
 
+search_module = sys.modules["onnxslim_kit.search"]
+
 QW = "quantize-weights:bits=4,block_size=16,min_elements=1024"
 PRUNE = "prune-channels:multiple=8,ratio=0.5"
 SVD = "svd:energy=0.9,min_size=1024"
@@ -88,9 +90,29 @@ def test_search_uses_one_quantization_technique_when_both_are_cheap():
     assert _cosine(ref, out) >= 0.99
 
 
-def test_search_extends_plan_when_prediction_is_pessimistic():
+def test_search_takes_whole_group_when_joint_drop_fits():
     """int8 on one layer costs about as much as on all four (the error is dominated by quantizing the
-    shared input): the additive prediction admits one layer, the verified slack admits the rest."""
+    shared input): the additive prediction admits one layer, but the four built and scored together fit,
+    so the greedy's first plan already holds all four."""
+    proto, calib = _model(), _calib()
+    single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
+    worst = max(e.damage for e in single.evaluations if e.status == "ok")
+    target = 1.6 * worst
+    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8],
+                                 objective="size")
+    assert sum(e.damage for e in single.evaluations if e.status == "ok") > target
+    assert result.steps[0].action == "greedy" and result.steps[0].entries == 4 and result.steps[0].met
+    assert result.met and len(result.plan) == 4
+    assert sum(e.predicted_drop for e in result.plan) <= target   # the joint drop, shared by the members
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"][8:]
+    assert 1.0 - _cosine(_outputs(proto, x), _outputs(result.model, x)) <= target
+
+
+def test_search_extends_plan_when_prediction_is_pessimistic(monkeypatch):
+    """Single-layer predictions only (no whole groups): the additive prediction admits one layer, the
+    verified slack admits the rest."""
+    monkeypatch.setattr(search_module, "WHOLE_GROUPS", False)
     proto, calib = _model(), _calib()
     single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
     worst = max(e.damage for e in single.evaluations if e.status == "ok")
@@ -550,3 +572,46 @@ def test_search_balanced_on_digits_cnn_uses_no_excluded_group(tmp_path):
     report = result.to_dict()
     assert report["objective"] == "balanced" and report["latency_probe"] and "excluded" in report
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_search_prune_levels_run_as_one_pass_with_layer_ratios():
+    """Two prune-channels levels in one plan: one pass, each layer at its own ratio (a coupled group is
+    never pruned twice); one level alone keeps the plain spec."""
+    from onnxslim_kit.search import PlanEntry, build_pipeline
+
+    p75 = PRUNE.replace("ratio=0.5", "ratio=0.75")
+    order = ["up0", "down0", "up1", "down1"]
+    pipe = build_pipeline([PlanEntry("up1", "MatMul", p75, 0.0, 0.0, 0.1, 0.1, 1),
+                           PlanEntry("up0", "MatMul", PRUNE, 0.0, 0.0, 0.1, 0.1, 1)], order)
+    prune = [p for p in pipe.passes if p.name == "prune-channels"]
+    assert len(prune) == 1 and prune[0].include == ["up0", "up1"]
+    assert prune[0].layer_ratios == ["up0=0.5", "up1=0.75"] and prune[0].multiple == 8
+    proto, calib = _model(), _calib()
+    model, _ = onnxslim_kit.optimize(proto, passes=["cleanup", "prune-channels:multiple=8,ratio=0.5,"
+                                                    "include=up0+up1,layer_ratios=up0=0.5+up1=0.75"],
+                                     calibration=calib, check="off")
+    onnx.checker.check_model(model, full_check=True)
+    w = {t.name: t for t in model.graph.initializer}
+    hidden = {n.name: w[n.input[1]].dims[1] for n in model.graph.node if n.name in ("up0", "up1")}
+    assert hidden == {"up0": 64, "up1": 32}   # 128 hidden units at 0.5 and 0.75
+    single = build_pipeline([PlanEntry("up0", "MatMul", p75, 0.0, 0.0, 0.1, 0.1, 1)], order)
+    (only,) = [p for p in single.passes if p.name == "prune-channels"]
+    assert only.ratio == 0.75 and not only.layer_ratios
+
+
+def test_search_raises_prune_level_on_a_layer_instead_of_stacking():
+    """prune-channels at 0.5 and 0.75 offered on the same layers with a loose target: the plan holds at
+    most one level per layer (the stronger replacing the weaker), never both."""
+    proto, calib = _model(), _calib()
+    p75 = PRUNE.replace("ratio=0.5", "ratio=0.75")
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", techniques=[PRUNE, p75],
+                                 objective="size")
+    assert result.met
+    layers = [e.layer for e in result.plan]
+    assert len(layers) == len(set(layers))
+    assert {e.technique for e in result.plan} == {p75}   # 0.75 is what fits a loose target everywhere
+    (prune,) = [p for p in result.pipeline.passes if p.name == "prune-channels"]
+    assert prune.ratio == 0.75
+    onnx.checker.check_model(result.model, full_check=True)
+    x = calib["x"][8:]
+    assert _cosine(_outputs(proto, x), _outputs(result.model, x)) >= 0.5
