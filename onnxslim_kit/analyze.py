@@ -71,8 +71,8 @@ from .runtime import PROTO_LIMIT, make_session, model_bytes_estimate, run_feeds,
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TECHNIQUES = ("quantize-int8", "quantize-weights:bits=4", "prune-channels:ratio=0.5", "prune-channels:ratio=0.75",
-                      "svd:energy=0.9")
+DEFAULT_TECHNIQUES = ("quantize-int8", "quantize-weights:bits=4", "prune-channels:ratio=0.25", "prune-channels:ratio=0.5",
+                      "prune-channels:ratio=0.75", "svd:energy=0.9")
 CANDIDATE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 CACHE_FORMAT = "onnxslim-kit-analyze-cache/1"
 _METRICS_ONLY = Tolerance(min_cosine=-1.0)  # metrics are computed, nothing is judged

@@ -172,7 +172,7 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @_labels_option
 @click.option("-t", "--technique", "techniques", multiple=True, metavar="PASS[:key=value,...]",
               help="With --target: a technique the search may apply per layer (repeatable; default: "
-                   "quantize-int8, quantize-weights:bits=4, prune-channels:ratio=0.5 and 0.75, svd:energy=0.9).")
+                   "quantize-int8, quantize-weights:bits=4, prune-channels:ratio=0.25, 0.5 and 0.75, svd:energy=0.9).")
 @click.option("-j", "--workers", type=int, default=1, show_default=True,
               help="With --target: worker processes for the per-layer analysis.")
 @click.option("--executor", default="local", show_default=True, metavar="WHERE",
@@ -337,7 +337,7 @@ def bench(models, input_shapes, threads, runs, warmup, rounds, seed):
 @click.option("-t", "--technique", "techniques", multiple=True, metavar="PASS[:key=value,...]",
               help="A technique to try on each layer alone (repeatable): a pass spec whose pass has an "
                    "'include' option, which analyze sets to one layer at a time. Default: quantize-int8, "
-                   "quantize-weights:bits=4, prune-channels:ratio=0.5 and 0.75, svd:energy=0.9.")
+                   "quantize-weights:bits=4, prune-channels:ratio=0.25, 0.5 and 0.75, svd:energy=0.9.")
 @click.option("-j", "--workers", type=int, default=None,
               help="Local worker processes (every evaluation runs with 1-thread onnxruntime sessions and "
                    "1 BLAS thread). Default: one per CPU (at most 8) once the first second of evaluations "

@@ -243,7 +243,10 @@ def render_search(result) -> str:
         lines.append(f"latency probe: {t}, every candidate layer at once: "
                      + (f"{ratio:.3f}x the original" if ratio is not None else "does not build uniformly, not timed")
                      + (" -> not used (slower)" if t in result.excluded else ""))
-    if result.probe:
+    for t, drop in result.group_drops.items():
+        lines.append(f"whole group: {t}, every candidate layer at once: measured drop {drop:.4g}"
+                     + (" -> taken whole" if t in result.groups_taken else ""))
+    if result.probe or result.group_drops:
         lines.append("")
     lines.append(table(["layer", "op", "technique", "predicted drop", "damage", "MACs saved", "bytes saved"], rows)
                  if rows else "(empty plan: cleanup only)")

@@ -199,6 +199,8 @@ class SearchResult:
     candidates: int
     probe: dict[str, float | None] = field(default_factory=dict)   # "technique on Op" -> latency ratio
     excluded: dict[str, str] = field(default_factory=dict)         # "technique on Op" -> why not used
+    group_drops: dict[str, float] = field(default_factory=dict)    # "technique on Op" -> measured joint drop
+    groups_taken: list[str] = field(default_factory=list)          # the groups the greedy took whole
     objective: str = "balanced"
     analysis: Any = None                   # the AnalysisReport the plan came from
     fit_feeds: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # what the passes saw
@@ -270,6 +272,7 @@ class SearchResult:
                 "macs_ratio": self.macs_ratio, "latency_ratio": self.latency_ratio,
                 "candidates": self.candidates, "objective": self.objective,
                 "latency_probe": {k: _jf(v) for k, v in self.probe.items()}, "excluded": self.excluded,
+                "group_drops": {k: _jf(v) for k, v in self.group_drops.items()}, "groups_taken": self.groups_taken,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -760,8 +763,21 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     excluded: dict[str, str] = {}
     timings = _Timings(cache, original, s_feeds[0], report=report, threads=latency_threads, batch=latency_batch,
                        seed=seed)
+    joint: dict[str, float] = {}   # group -> its measured drop, all its layers changed at once
+    groups_taken: list[str] = []
+    n_other = sum(s_counts[i] for i in ver_pos)
+
+    def group_model(members: list[PlanEntry]) -> Model:
+        """The group built on the first half, its drop scored on the second (also for the greedy)."""
+        model_g = fitted(members, fit_data)[0]
+        if tgt.kind == "accuracy_drop":
+            outs = _run(model_g.to_proto(), other_feeds)
+            joint[_group(members[0])] = max(0.0, base_o - scorer.score(
+                outs, ref_s[:len(other_feeds)], s_labels[:n_other] if s_labels is not None else None))
+        return model_g
+
     if probing:
-        probe, excluded = timings.probe(cands, lambda members: fitted(members, fit_data)[0])
+        probe, excluded = timings.probe(cands, group_model)
         cands = [c for c in cands if _group(c) not in excluded]
         measured_share = _measured_share(cands, probe)
         cands = ranked(cands)
@@ -845,21 +861,18 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         # layer alone pays for its own Q/DQ), so each technique applied to all its candidate layers of one
         # op type is built and scored too, and taken whole while its measured drop fits. The plan can thus
         # always be at least what a uniform application per op type is; single layers then fill the rest.
-        n_other = sum(s_counts[i] for i in ver_pos)
         groups: dict[str, list[PlanEntry]] = {}
         for c in cands:
             groups.setdefault(_group(c), []).append(c)
-        joint: dict[str, float] = {}
         for key, members in groups.items():
-            if len(members) < 2 or not WHOLE_GROUPS:
+            if len(members) < 2 or not WHOLE_GROUPS or key in joint:
                 continue
             try:
-                proto_g = fitted(members, fit_data)[0].to_proto()
+                group_model(members)
             except OnnxSlimError as exc:
                 logger.info("group %s does not build on all its layers at once (%s)", key, exc)
-                continue
-            joint[key] = max(0.0, base_o - scorer.score(_run(proto_g, other_feeds), ref_s[:len(other_feeds)],
-                                                       s_labels[:n_other] if s_labels is not None else None))
+        for key in [k for k in joint if k not in groups or len(groups[k]) < 2 or not WHOLE_GROUPS]:
+            del joint[key]
         taken_groups: dict[tuple, float] = {}   # (pass, other options, op) -> the joint drop taken
         for key in sorted(joint, key=lambda k: (joint[k] / max(eps, sum(saved(c) for c in groups[k])), k)):
             members = groups[key]
@@ -873,6 +886,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 take(replace(c, predicted_drop=joint[key] * saved(c) / weight if weight > eps else
                              joint[key] / len(members)))
             taken_groups[slot] = joint[key]
+            groups_taken.append(key)
             total += more
         for c in cands:
             more = cost(c, plan, lambda e: e.predicted_drop)
@@ -1012,5 +1026,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         holdout_samples=sum(counts[i] for i in hold_idx),
         original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
                 "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
-        latency_ratio=lat, candidates=len(cands), probe=probe, excluded=excluded, objective=objective, analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
+        latency_ratio=lat, candidates=len(cands), probe=probe, excluded=excluded,
+        group_drops=dict(joint), groups_taken=[k for k in groups_taken if any(_group(e) == k for e in plan)],
+        objective=objective, analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
         seconds=time.perf_counter() - start)

@@ -104,6 +104,9 @@ def test_search_takes_whole_group_when_joint_drop_fits():
     assert result.steps[0].action == "greedy" and result.steps[0].entries == 4 and result.steps[0].met
     assert result.met and len(result.plan) == 4
     assert sum(e.predicted_drop for e in result.plan) <= target   # the joint drop, shared by the members
+    assert result.groups_taken == [f"{INT8} on MatMul"] and result.group_drops[f"{INT8} on MatMul"] <= target
+    assert result.to_dict()["groups_taken"] == result.groups_taken
+    assert "taken whole" in onnxslim_kit.report.render_search(result)
     onnx.checker.check_model(result.model, full_check=True)
     x = calib["x"][8:]
     assert 1.0 - _cosine(_outputs(proto, x), _outputs(result.model, x)) <= target

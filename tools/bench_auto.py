@@ -247,6 +247,18 @@ def main(argv=None) -> int:
                "smallest uniform at the same accuracy (size x)", "fastest uniform at the same accuracy (latency x)",
                "plan smaller", "plan faster", "uniform variants at the same accuracy both smaller and faster",
                "uniform variants chosen on the search data by the search's rule (no held-out data)"]
+    tally = []
+    for label in dict.fromkeys(r[2] for r in summary):
+        mine = [r for r in summary if r[2] == label]
+        n = len(mine)
+        tally.append([label, f"{sum(r[6] == 'yes' for r in mine)}/{n}",
+                      f"{sum(r[6] == 'yes' and r[9] == 'yes' and r[10] == 'yes' for r in mine)}/{n}",
+                      f"{sum(r[11] == 'none' for r in mine)}/{n}",
+                      f"{sum(r[6] == 'yes' and r[11] == 'none' for r in mine)}/{n}"])
+    text += ("Over every model and split:\n\n" + md_table(
+        ["search", "held-out target met", "met, and smaller than the smallest AND faster than the fastest uniform "
+         "variant at the same accuracy", "no uniform variant at the same accuracy both smaller and faster",
+         "met and not dominated"], tally) + "\n")
     text += (f"Every split (seeded search / held-out halves; the uniform variants qualify on the held-out drop "
              f"<= {args.drop}):\n\n" + md_table(sheader, summary) + "\n")
     text += "\n".join(f"- {n}" for n in notes) + "\n"
