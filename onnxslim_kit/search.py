@@ -888,6 +888,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             taken_groups[slot] = joint[key]
             groups_taken.append(key)
             total += more
+        grouped, grouped_total = list(plan), total
         for c in cands:
             more = cost(c, plan, lambda e: e.predicted_drop)
             if not fits(c) or total + more > tgt.value + eps:
@@ -895,6 +896,13 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             take(c)
             total += more
         current = build(plan, "greedy")
+        if not is_met(current) and grouped and len(grouped) < len(plan) and len(steps) < max_verifications:
+            # The single changes broke it (their drops predicted 0 where a discrete metric saw no change
+            # alone): back to the whole groups, whose drops were measured together, and extend from there.
+            trial = build(grouped, "revert to the whole groups")
+            if is_met(trial):
+                plan, current, total = grouped, trial, grouped_total
+                remark(plan)
         if is_met(current):
             current = extend(current, total)
         reverts = 0

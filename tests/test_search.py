@@ -618,3 +618,27 @@ def test_search_raises_prune_level_on_a_layer_instead_of_stacking():
     onnx.checker.check_model(result.model, full_check=True)
     x = calib["x"][8:]
     assert _cosine(_outputs(proto, x), _outputs(result.model, x)) >= 0.5
+
+
+def test_search_reverts_to_whole_groups_when_singles_break_the_plan(tmp_path, monkeypatch):
+    """A threshold metric: int4 on all four MatMuls passes (taken whole), pruning up0 or up1 alone passes
+    (predicted drop 0), pruning both does not. The greedy's first plan (group + both prunes) fails; the
+    repair goes back to the group, verified, and extends it by one prune."""
+    proto, calib = _model(), _calib()
+    name = _user_module(tmp_path, monkeypatch, """
+import numpy as np
+
+def score(outputs, reference):
+    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
+    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
+    return 1.0 if 1.0 - a @ b / np.linalg.norm(a) / np.linalg.norm(b) <= 4.5e-5 else 0.0
+""")
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score",
+                                 techniques=[QW, PRUNE], objective="size")
+    assert result.groups_taken == [f"{QW} on MatMul"] and result.group_drops[f"{PRUNE} on MatMul"] == 1.0
+    assert result.steps[0].action == "greedy" and not result.steps[0].met and result.steps[0].entries == 6
+    assert result.steps[1].action == "revert to the whole groups" and result.steps[1].met
+    assert result.met and result.search_drop == 0.0
+    assert sorted(e.layer for e in result.plan if e.technique == QW) == ["down0", "down1", "up0", "up1"]
+    assert len([e for e in result.plan if e.technique == PRUNE]) == 1
+    onnx.checker.check_model(result.model, full_check=True)
