@@ -20,7 +20,8 @@ the second half (``measured_on = "held-out"``): measured on the samples it was f
 better than it is. The other techniques are measured on every feed (``measured_on = "all"``).
 
 Candidate layers: the named compute nodes of the baseline whose op type is Conv, ConvTranspose,
-MatMul or Gemm (unnamed ones are given a name first). Each technique decides for itself whether it
+MatMul or Gemm, and the embedding lookups: a Gather whose data input is a constant float 2-D tensor
+(unnamed ones are given a name first). Each technique decides for itself whether it
 touches a layer: an evaluation where the pass changes nothing is recorded as ``skipped`` with the
 pass's own reason (e.g. "weight has 512 elements < min_size=4096"); one where the pass raises is
 recorded as ``error`` with its one-line message.
@@ -73,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TECHNIQUES = ("quantize-int8", "quantize-weights:bits=4", "prune-channels:ratio=0.25", "prune-channels:ratio=0.5",
                       "prune-channels:ratio=0.75", "svd:energy=0.9")
-CANDIDATE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+CANDIDATE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather")  # Gather: embedding tables only
 CACHE_FORMAT = "onnxslim-kit-analyze-cache/1"
 _METRICS_ONLY = Tolerance(min_cosine=-1.0)  # metrics are computed, nothing is judged
 
@@ -451,6 +452,12 @@ def default_workers() -> int:
     return max(1, min(cpus, 8))
 
 
+def _embedding_table(model: Model, node) -> bool:
+    """Whether a Gather looks rows up in a constant float 2-D table (an embedding)."""
+    table = model.constant_value(node.inputs[0]) if node.inputs else None
+    return table is not None and table.ndim == 2 and np.issubdtype(table.dtype, np.floating)
+
+
 def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, *,
             techniques: Iterable[str] | None = None, workers: int | None = None,
             executor: str = "local", cache: str | os.PathLike | None = None, latency: bool = False,
@@ -514,14 +521,17 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     layers: list[tuple[str, str]] = []
     for node in base_model.nodes:
         if node.op in CANDIDATE_OPS and (node.domain or "") in ("", "ai.onnx"):
+            if node.op == "Gather" and not _embedding_table(base_model, node):
+                continue  # index arithmetic on shapes, a lookup in an activation
             if not node.name:
                 node.name = base_model.unique_name(node.op.lower())
             layers.append((node.name, node.op))
     base_proto = base_model.to_proto()
     init_sizes = {t.name: int(np.prod(t.dims)) for t in base_proto.graph.initializer}
     layer_names = {layer for layer, _ in layers}
-    layer_weights = {n.name: init_sizes[n.input[1]] for n in base_proto.graph.node
-                     if n.name in layer_names and len(n.input) > 1 and n.input[1] in init_sizes}
+    weight_input = {n.name: n.input[0] if n.op_type == "Gather" else n.input[1] if len(n.input) > 1 else ""
+                    for n in base_proto.graph.node if n.name in layer_names}  # a Gather's table is input 0
+    layer_weights = {name: init_sizes[w] for name, w in weight_input.items() if w in init_sizes}
     fingerprint = base_model.fingerprint()
     orig_stats = model_stats(original, shapes or None)
     base_stats = model_stats(base_proto, shapes or None)
