@@ -642,3 +642,21 @@ def score(outputs, reference):
     assert sorted(e.layer for e in result.plan if e.technique == QW) == ["down0", "down1", "up0", "up1"]
     assert len([e for e in result.plan if e.technique == PRUNE]) == 1
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_search_levels_order_prune_ratio_up_and_svd_energy_down():
+    """A stronger level replaces a weaker one on its layer only: higher prune ratio, lower svd energy,
+    same other options; another layer or other options are not an upgrade."""
+    from onnxslim_kit.search import PlanEntry, _merged, _weaker
+
+    def entry(layer, t):
+        return PlanEntry(layer, "MatMul", t, 0.0, 0.0, 0.1, 0.1, 1)
+
+    p50, p75 = entry("up0", PRUNE), entry("up0", PRUNE.replace("ratio=0.5", "ratio=0.75"))
+    s90, s80 = entry("up0", "svd:energy=0.9,min_size=1024"), entry("up0", "svd:energy=0.8,min_size=1024")
+    assert _weaker(p75, [p50]) is p50 and _weaker(p50, [p75]) is None
+    assert _weaker(s80, [s90]) is s90 and _weaker(s90, [s80]) is None
+    assert _weaker(entry("up1", PRUNE.replace("ratio=0.5", "ratio=0.75")), [p50]) is None
+    assert _weaker(entry("up0", "prune-channels:multiple=16,ratio=0.75"), [p50]) is None
+    assert _weaker(entry("up0", INT8), [p50]) is None
+    assert _merged([p50, s90], [p75, s80]) == [p75, s80]
