@@ -198,11 +198,13 @@ def _parse_tolerances(items) -> dict[str, float] | None:
 @click.option("--latency-batch", type=int, default=1, show_default=True,
               help="With --target: batch size (rows on dynamic-batch inputs) at which latency is measured: the "
                    "batch you deploy at; int8 and small layers gain least at 1.")
-@click.option("--objective", type=click.Choice(["balanced", "size"]), default="balanced", show_default=True,
+@click.option("--objective", type=click.Choice(["balanced", "latency", "size"]), default="balanced",
+              show_default=True,
               help="With --target accuracy_drop or latency: balanced = time each technique on all its candidate "
                    "layers of one op type before the search, leave out what makes this model slower here and "
-                   "order changes by bytes + measured latency saved; size = order by MACs and bytes saved "
-                   "whatever the latency (nothing timed before the search).")
+                   "order changes by bytes + measured latency saved; latency = the same probe, order by the "
+                   "measured latency saved alone (the fastest plan within the target; bytes break ties); size = "
+                   "order by MACs and bytes saved whatever the latency (nothing timed before the search).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances, check, report_path, locate,

@@ -42,7 +42,9 @@ How (:func:`search`):
    ``PROBE_SLOWER`` x slower in the median round, is not used on that op type (``SearchResult.excluded``),
    and candidates are ordered by bytes + measured latency saved (each group's saving shared among its
    layers by MACs, or bytes for quantization) instead of MACs, so the plan is smaller and faster; objective
-   ``size`` skips that. The result's latency ratio is always measured.
+   ``latency`` probes the same way and orders by the measured latency saved alone (bytes only break
+   ties: the fastest plan within the target, then the smallest); objective ``size`` skips the probe.
+   The result's latency ratio is always measured.
    ``size`` / ``latency``: more candidates are added until the measured ratio is met, or all are in and
    the target is reported as not met; then the worst trades (predicted drop per share saved) are
    reverted one at a time while the target still holds.
@@ -88,10 +90,12 @@ SINGLE_REVERTS = 3
 # accuracy_drop: build and score each technique on all its candidate layers of one op type, and take such
 # whole groups first while their measured drop fits (False: single-layer predictions only).
 WHOLE_GROUPS = True
-# What an accuracy_drop search minimises besides the drop. balanced: MACs + bytes, and a technique that
-# makes the model slower on this machine (its uniform application, timed before the greedy) is not used;
-# size: bytes (and MACs) only, nothing timed.
-OBJECTIVES = ("balanced", "size")
+# What an accuracy_drop search minimises besides the drop. balanced: measured latency + bytes, and a
+# technique that makes the model slower on this machine (its uniform application, timed before the greedy)
+# is not used; latency: the same probe, measured latency saved only (bytes break ties); size: bytes (and
+# MACs) only, nothing timed.
+OBJECTIVES = ("balanced", "latency", "size")
+TIE_BYTES = 1e-3   # objective latency: bytes saved weigh this much against the latency share saved
 # Rounds of the latency probe: a technique is left out when it is slower in every round (sign test,
 # p = 1/32 when it makes no difference) or its median round is PROBE_SLOWER x slower.
 PROBE_ROUNDS = 5
@@ -142,6 +146,7 @@ class PlanEntry:
     macs_saved_fraction: float
     bytes_saved_fraction: float
     bytes_saved: int
+    size_class: str = ""       # the layer's weight-size bucket, where its technique's layers span several
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "op": self.op, "technique": self.technique,
@@ -460,8 +465,37 @@ def _quant_bits(technique: str) -> int | None:
 
 
 def _group(entry: PlanEntry) -> str:
-    """The latency probe's unit: one technique on every candidate layer of one op type."""
-    return f"{entry.technique} on {entry.op}"
+    """The latency probe's unit: one technique on every candidate layer of one op type (and weight-size
+    class, where the layers span several)."""
+    return f"{entry.technique} on {entry.op}" + (f" ({entry.size_class} weights)" if entry.size_class else "")
+
+
+def _size_classes(cands: list[PlanEntry], weights: dict[str, int]) -> None:
+    """Set ``size_class`` (weights in [4^k, 4^(k+1))) on the candidates of each (technique, op) whose
+    layers fall in more than one class. A technique's speed-up depends on the layer's size (svd of
+    bert_tiny's 128x128 attention MatMuls saves MACs and no time, that of its 128x512 MLP MatMuls does),
+    so the probe times and the greedy takes each class on its own. Not for quantization: int8 layers
+    share their Q/DQ with their quantized neighbours, so int8 on bert_tiny's attention MatMuls alone is
+    slower than the original while int8 on every MatMul is faster."""
+    def bucket(n: int) -> int:
+        return int(math.log(n, 4)) if n > 0 else -1
+
+    def label(k: int) -> str:
+        return "no" if k < 0 else f"{_count(4 ** k)}-{_count(4 ** (k + 1))}"
+
+    by_kind: dict[tuple[str, str], list[PlanEntry]] = {}
+    for c in cands:
+        if _family(c.technique) != "quantize":   # quantized neighbours share their Q/DQ: one group
+            by_kind.setdefault((c.technique, c.op), []).append(c)
+    for members in by_kind.values():
+        if len({bucket(weights.get(c.layer, 0)) for c in members}) > 1:
+            for c in members:
+                c.size_class = label(bucket(weights.get(c.layer, 0)))
+
+
+def _count(n: int) -> str:
+    return f"{n // 1024 ** 2}M" if n >= 1024 ** 2 and n % 1024 ** 2 == 0 else \
+        f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _family(technique: str) -> str:
@@ -586,7 +620,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     end-to-end builds the repair may use. ``confidence`` (top1 only): the verified drop plus
     :func:`top1_margin` (z(confidence) * sqrt(2 * (discordant samples + 1)) / samples) must be within the
     target, so that the plan also meets it on fresh data of the same size (0.5 or less: the drop alone). ``objective``: ``balanced``
-    (default) or ``size``, see :data:`OBJECTIVES`. See the module doc.
+    (default), ``latency`` or ``size``, see :data:`OBJECTIVES`. See the module doc.
     """
     from .analyze import analyze
     from .api import _data, _load, _shapes
@@ -677,17 +711,20 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                                damage=e.damage or 0.0, macs_saved_fraction=max(0.0, e.macs_saved_fraction),
                                bytes_saved_fraction=bytes_saved / base["bytes"] if base["bytes"] else 0.0,
                                bytes_saved=bytes_saved))
+    _size_classes(cands, report.layer_weights)
 
-    probing = objective == "balanced" and tgt.kind != "size"
+    probing = objective in ("balanced", "latency") and tgt.kind != "size"
     measured_share: Callable[[PlanEntry], float] | None = None   # share of the latency a change saves
 
     def saved(c: PlanEntry) -> float:
         """What a change saves, for the order: bytes (size); the latency the probe measured, plus bytes
-        for accuracy_drop (balanced, once probed); else MACs (latency) or MACs + bytes."""
+        for accuracy_drop (balanced; a tie-break for objective latency), once probed; else MACs
+        (latency) or MACs + bytes."""
         if tgt.kind == "size":
             return c.bytes_saved_fraction
         if measured_share is not None:
-            return measured_share(c) + (c.bytes_saved_fraction if tgt.kind == "accuracy_drop" else 0.0)
+            weight = (TIE_BYTES if objective == "latency" else 1.0) if tgt.kind == "accuracy_drop" else 0.0
+            return measured_share(c) + weight * c.bytes_saved_fraction
         if tgt.kind == "latency" and not probing:
             return c.macs_saved_fraction
         return c.macs_saved_fraction + c.bytes_saved_fraction   # to be probed: int8 saves no MACs
@@ -877,7 +914,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         for key in sorted(joint, key=lambda k: (joint[k] / max(eps, sum(saved(c) for c in groups[k])), k)):
             members = groups[key]
             level = _level(members[0].technique)
-            slot = (level[0], level[1], members[0].op) if level is not None else (key,)
+            slot = (level[0], level[1], members[0].op, members[0].size_class) if level is not None else (key,)
             more = joint[key] - taken_groups.get(slot, 0.0)
             if total + more > tgt.value + eps or not all(fits(c) for c in members):
                 continue
@@ -991,7 +1028,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                                        f" ({left} candidate(s) left, verification budget spent)"))
 
     measured_lat = None
-    if tgt.kind == "accuracy_drop" and objective == "balanced" and plan and is_met(current):
+    if tgt.kind == "accuracy_drop" and probing and plan and is_met(current):
         # Speed repair: a verified plan slower than the original in every round loses, one at a time, the
         # probed groups that were slower than the original on their own (worst first), while it still
         # meets the target and gets faster; each removal is a verification.

@@ -567,10 +567,10 @@ def test_search_balanced_on_digits_cnn_uses_no_excluded_group(tmp_path):
     result = onnxslim_kit.search(root / "digits_cnn.onnx", {"image": data["image"][:270]},
                                  labels=data["labels"][:270], target="accuracy_drop=0.02", batch_size=30)
     groups = {f"{e.technique} on {e.op}" for e in result.analysis.evaluations if e.status == "ok"}
-    assert result.probe and set(result.probe) <= groups
+    assert result.probe and {k.split(" (")[0] for k in result.probe} <= groups   # "(... weights)": size class
     assert all(v is None or v > 0 for v in result.probe.values())
     assert set(result.excluded) <= set(result.probe)
-    assert not {f"{e.technique} on {e.op}" for e in result.plan} & set(result.excluded)
+    assert not {search_module._group(e) for e in result.plan} & set(result.excluded)
     assert result.met and result.latency_ratio is not None and result.latency_ratio > 0
     report = result.to_dict()
     assert report["objective"] == "balanced" and report["latency_probe"] and "excluded" in report
@@ -660,3 +660,36 @@ def test_search_levels_order_prune_ratio_up_and_svd_energy_down():
     assert _weaker(entry("up0", "prune-channels:multiple=16,ratio=0.75"), [p50]) is None
     assert _weaker(entry("up0", INT8), [p50]) is None
     assert _merged([p50, s90], [p75, s80]) == [p75, s80]
+
+
+def test_search_size_classes_split_a_technique_whose_layers_differ_in_size():
+    """The probe's groups split by weight-size class (powers of 4) only where one technique's layers on one
+    op type span several classes, and never for quantization (quantized neighbours share their Q/DQ)."""
+    from onnxslim_kit.search import PlanEntry, _group, _size_classes
+
+    def entry(layer, t):
+        return PlanEntry(layer, "MatMul", t, 0.0, 0.0, 0.1, 0.1, 1)
+
+    cands = [entry("q", SVD), entry("up", SVD), entry("q", INT8), entry("k", INT8)]
+    _size_classes(cands, {"q": 128 * 128, "k": 128 * 128, "up": 128 * 512})
+    cands.append(entry("up", INT8))
+    _size_classes(cands, {"q": 128 * 128, "k": 128 * 128, "up": 128 * 512})
+    assert [_group(c) for c in cands] == [f"{SVD} on MatMul (16K-64K weights)", f"{SVD} on MatMul (64K-256K weights)",
+                                          f"{INT8} on MatMul", f"{INT8} on MatMul", f"{INT8} on MatMul"]
+
+
+def test_search_objective_latency_probes_and_orders_by_measured_saving(monkeypatch):
+    """objective latency: the same probe as balanced (a technique slower in every round is left out); int8,
+    measured no faster (1.0x), saves no latency, so with room for only one group the plan takes pruning."""
+    module = sys.modules["onnxslim_kit.search"]
+    calls: list = []
+    monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", calls, (1.0,) * 5))
+    proto, calib = _model(), _calib()
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=1.7e-4", techniques=[INT8, PRUNE],
+                                 objective="latency")
+    assert result.probe and calls[0] == len(result.probe) and not result.excluded
+    assert result.met and {e.technique for e in result.plan} == {PRUNE}
+    assert result.to_dict()["objective"] == "latency" and result.latency_ratio == 0.9
+    onnx.checker.check_model(result.model, full_check=True)
+    res = CliRunner().invoke(main, ["optimize", "--help"])
+    assert "latency = the same probe" in res.output
