@@ -90,16 +90,22 @@ def test_search_uses_one_quantization_technique_when_both_are_cheap():
     assert _cosine(ref, out) >= 0.99
 
 
+def _int8_search_above_one_layer():
+    """int8 on the four MatMuls with a target of 1.6x the worst single layer's damage: (model, calibration,
+    the single-layer analysis, target, search result)."""
+    proto, calib = _model(), _calib()
+    single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
+    target = 1.6 * max(e.damage for e in single.evaluations if e.status == "ok")
+    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8],
+                                 objective="size")
+    return proto, calib, single, target, result
+
+
 def test_search_takes_whole_group_when_joint_drop_fits():
     """int8 on one layer costs about as much as on all four (the error is dominated by quantizing the
     shared input): the additive prediction admits one layer, but the four built and scored together fit,
     so the greedy's first plan already holds all four."""
-    proto, calib = _model(), _calib()
-    single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
-    worst = max(e.damage for e in single.evaluations if e.status == "ok")
-    target = 1.6 * worst
-    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8],
-                                 objective="size")
+    proto, calib, single, target, result = _int8_search_above_one_layer()
     assert sum(e.damage for e in single.evaluations if e.status == "ok") > target
     assert result.steps[0].action == "greedy" and result.steps[0].entries == 4 and result.steps[0].met
     assert result.met and len(result.plan) == 4
@@ -116,12 +122,7 @@ def test_search_extends_plan_when_prediction_is_pessimistic(monkeypatch):
     """Single-layer predictions only (no whole groups): the additive prediction admits one layer, the
     verified slack admits the rest."""
     monkeypatch.setattr(search_module, "WHOLE_GROUPS", False)
-    proto, calib = _model(), _calib()
-    single = onnxslim_kit.analyze(proto, calib, techniques=[INT8], workers=1)
-    worst = max(e.damage for e in single.evaluations if e.status == "ok")
-    target = 1.6 * worst
-    result = onnxslim_kit.search(proto, calib, target=f"accuracy_drop={target!r}", techniques=[INT8],
-                                 objective="size")
+    proto, calib, single, target, result = _int8_search_above_one_layer()
     assert result.steps[0].action == "greedy" and result.steps[0].entries == 1
     assert result.met and len(result.plan) == 4
     assert any(s.action.startswith("extend") and s.met and s.entries == 4 for s in result.steps)
