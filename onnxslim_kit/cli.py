@@ -203,7 +203,8 @@ def _parse_tolerances(items) -> dict[str, float] | None:
               help="With --target accuracy_drop or latency: balanced = time each technique on all its candidate "
                    "layers of one op type before the search, leave out what makes this model slower here and "
                    "order changes by bytes + measured latency saved; latency = the same probe, order by the "
-                   "measured latency saved alone (the fastest plan within the target; bytes break ties); size = "
+                   "measured latency saved alone (the fastest plan within the target; bytes break ties), then try "
+                   "each group of the plan out and drop it if the plan is faster without it; size = "
                    "order by MACs and bytes saved whatever the latency (nothing timed before the search).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
