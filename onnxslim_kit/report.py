@@ -242,7 +242,7 @@ def render_search(result) -> str:
     for t, ratio in result.probe.items():
         lines.append(f"latency probe: {t}, every candidate layer at once: "
                      + (f"{ratio:.3f}x the original" if ratio is not None else "does not build uniformly, not timed")
-                     + (" -> not used (slower)" if t in result.excluded else ""))
+                     + (f" -> not used: {result.excluded[t]}" if t in result.excluded else ""))
     for t, drop in result.group_drops.items():
         lines.append(f"whole group: {t}, every candidate layer at once: measured drop {drop:.4g}"
                      + (" -> taken whole" if t in result.groups_taken else ""))
