@@ -404,9 +404,7 @@ class _Timings:
         2**-PROBE_ROUNDS if it made no difference) or PROBE_SLOWER x slower in the median round (one fast
         round under load does not rescue it). One probe model is in memory at a time: each is written to
         a temporary folder, then all are timed from their files, interleaved."""
-        groups: dict[str, list[PlanEntry]] = {}
-        for c in cands:
-            groups.setdefault(_group(c), []).append(c)
+        groups = _by_group(cands)
         fields = {key: self._fields("probe " + key, members) for key, members in groups.items()}
         measured = {key: hit for key in groups if (hit := self._cached(fields[key])) is not None}
         probe: dict[str, float | None] = {}
@@ -528,8 +526,8 @@ def _level(technique: str) -> tuple[str, tuple, float] | None:
     pruning ratio (or svd energy) can be raised inside a plan, the stronger level replacing the weaker."""
     name, options = parse_spec(technique)
     option, sign = LEVELS.get(name, (None, 0.0))
-    if option is None or option not in options:
-        return None
+    if option is None or option not in options or options.get("scope") == "global":
+        return None   # (a global prune-channels ratio is not per layer: no levels, no layer_ratios)
     try:
         value = float(options[option])
     except ValueError:
@@ -550,6 +548,17 @@ def _weaker(c: PlanEntry, entries: list[PlanEntry]) -> PlanEntry | None:
     return None
 
 
+def _keys(entries: list[PlanEntry]) -> set[tuple[str, str]]:
+    return {(e.technique, e.layer) for e in entries}
+
+
+def _by_group(entries: list[PlanEntry]) -> dict[str, list[PlanEntry]]:
+    groups: dict[str, list[PlanEntry]] = {}
+    for e in entries:
+        groups.setdefault(_group(e), []).append(e)
+    return groups
+
+
 def _merged(plan: list[PlanEntry], added: list[PlanEntry]) -> list[PlanEntry]:
     """``plan`` + ``added``, an added upgrade replacing the weaker level of its layer."""
     out = list(plan)
@@ -564,8 +573,9 @@ def _merged(plan: list[PlanEntry], added: list[PlanEntry]) -> list[PlanEntry]:
 def build_pipeline(entries: list[PlanEntry], layer_order: list[str]) -> Pipeline:
     """``cleanup`` + one pass per technique with its layers as ``include`` (families in pipeline
     order, layers in graph order; a factored layer's quantization includes both factors).
-    prune-channels at several ratios is one pass with per-layer ``layer_ratios``: a coupled group is
-    pruned once, at the smallest ratio its layers have in the plan, never twice."""
+    prune-channels at several ratios (and otherwise the same options) is one pass with per-layer
+    ``layer_ratios``: a coupled group is pruned once, at the smallest ratio its layers have in the plan.
+    prune-channels specs that differ in other options are separate passes (user technique lists only)."""
     by_technique: dict[str, list[str]] = {}
     factored = {e.layer for e in entries if _family(e.technique) == "lowrank"}
     ratios: dict[tuple, dict[str, str]] = {}   # prune-channels' other options -> layer -> ratio
@@ -702,8 +712,8 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     ref_all = _run(original, s_feeds + h_feeds, optimize=False)  # one reference session for both shares
     ref_s, ref_h = ref_all[:len(s_feeds)], (ref_all[len(s_feeds):] if h_feeds else None)
     base_s = scorer.baseline(ref_s, s_labels)
-    base_o = scorer.baseline(ref_s[:len(other_feeds)], s_labels[:sum(s_counts[i] for i in ver_pos)]
-                             if s_labels is not None else None)
+    n_other = sum(s_counts[i] for i in ver_pos)   # samples in the second half (scored by the first's build)
+    base_o = scorer.baseline(ref_s[:len(other_feeds)], s_labels[:n_other] if s_labels is not None else None)
     orig_stats = model_stats(original, shapes or None)
     original_sizes = {"params": orig_stats.params, "macs": orig_stats.macs, "bytes": orig_stats.bytes}
 
@@ -816,8 +826,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     timings = _Timings(cache, original, s_feeds[0], report=report, threads=latency_threads, batch=latency_batch,
                        seed=seed)
     joint: dict[str, float] = {}   # group -> its measured drop, all its layers changed at once
-    groups_taken: list[str] = []
-    n_other = sum(s_counts[i] for i in ver_pos)
+    groups_taken: dict[str, set[tuple[str, str]]] = {}   # group taken whole -> its members
 
     def group_model(members: list[PlanEntry]) -> Model:
         """The group built on the first half, its drop scored on the second (also for the greedy)."""
@@ -847,7 +856,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     def cost(c: PlanEntry, among: list[PlanEntry], value: Callable[[PlanEntry], float]) -> float:
         """``value`` of ``c`` less that of the weaker level it replaces."""
         old = _weaker(c, among)
-        return value(c) - (value(old) if old is not None else 0.0)
+        return max(0.0, value(c) - (value(old) if old is not None else 0.0))
 
     def mark(c: PlanEntry) -> None:
         used.setdefault(c.layer, set()).add(_family(c.technique))
@@ -915,9 +924,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         # layer alone pays for its own Q/DQ), so each technique applied to all its candidate layers of one
         # op type is built and scored too, and taken whole while its measured drop fits. The plan can thus
         # always be at least what a uniform application per op type is; single layers then fill the rest.
-        groups: dict[str, list[PlanEntry]] = {}
-        for c in cands:
-            groups.setdefault(_group(c), []).append(c)
+        groups = _by_group(cands)
         for key, members in groups.items():
             if len(members) < 2 or not WHOLE_GROUPS or key in joint:
                 continue
@@ -940,7 +947,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 take(replace(c, predicted_drop=joint[key] * saved(c) / weight if weight > eps else
                              joint[key] / len(members)))
             taken_groups[slot] = joint[key]
-            groups_taken.append(key)
+            groups_taken[key] = _keys(members)
             total += more
         grouped, grouped_total = list(plan), total
         for c in cands:
@@ -950,7 +957,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             take(c)
             total += more
         current = build(plan, "greedy")
-        if not is_met(current) and grouped and len(grouped) < len(plan) and len(steps) < max_verifications:
+        if not is_met(current) and grouped and _keys(grouped) != _keys(plan) and len(steps) < max_verifications:
             # The single changes broke it (their drops predicted 0 where a discrete metric saw no change
             # alone): back to the whole groups, whose drops were measured together, and extend from there.
             trial = build(grouped, "revert to the whole groups")
@@ -1086,8 +1093,10 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                     excluded[key] = (f"the verified plan ran {statistics.median(rel):.3f}x its latency without it "
                                      f"({sum(r < 1.0 for r in rel)} of {len(rel)} rounds faster)")
             if dropped:
-                # The budget those groups held goes to the next changes by measured saving (not to them).
+                # The budget those groups held goes to the next changes by measured saving (not to them,
+                # nor to any group the probe, the speed repair or the polish left out).
                 remark(plan)
+                dropped |= {(c.technique, c.layer) for c in cands if _group(c) in excluded}
                 current = extend(current, sum(e.predicted_drop for e in plan), dropped,
                                  limit=len(steps) + POLISH_BUILDS)
                 rounds = timings.plan(plan, current[0])
@@ -1117,6 +1126,6 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
         original=original_sizes, result={"params": res_stats.params, "macs": res_stats.macs, "bytes": res_stats.bytes,
                 "macs_unresolved": len([u for u in res_stats.unresolved if u not in orig_stats.unresolved])},
         latency_ratio=lat, candidates=len(cands), probe=probe, excluded=excluded,
-        group_drops=dict(joint), groups_taken=[k for k in groups_taken if any(_group(e) == k for e in plan)],
+        group_drops=dict(joint), groups_taken=[k for k, members in groups_taken.items() if members <= _keys(plan)],
         objective=objective, analysis=report, fit_feeds=fit_feeds, source=label, fit_is_random=data.is_random,
         seconds=time.perf_counter() - start)

@@ -1522,9 +1522,12 @@ class QuantizeInt8(Pass):
             if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx"):
                 continue
             table = model.constant_value(node.inputs[0])
-            if table is None or table.dtype != np.float32 or table.ndim != 2:
+            if table is None or table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
                 continue  # index arithmetic on shapes, or a lookup in an activation: not an embedding
             label = node.name or "<Gather>"
+            if table.dtype != np.float32:
+                skipped.append((label, f"embedding table is {table.dtype}, not float32: kept as it is"))
+                continue
             if node.name in self.exclude:
                 skipped.append((label, "excluded by option"))
                 continue

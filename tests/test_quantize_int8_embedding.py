@@ -244,3 +244,18 @@ def test_quantize_int8_embedding_bert_tiny_word_table_quantized():
     assert "word.weight" not in {t.name for t in proto.graph.initializer}
     assert numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == nodes["/word/Gather"].input[0])
                                  ).dtype == np.uint8
+
+
+def test_quantize_int8_embedding_float16_table_stays_with_reason():
+    """analyze lists a float16 table's lookup as an embedding layer; the pass keeps it and says why."""
+    r = rng(4)
+    inits = [init("half", r.standard_normal((64, 32)).astype(np.float16))]
+    nodes = [helper.make_node("Gather", ["half", "ids"], ["h"], name="emb"),
+             helper.make_node("Cast", ["h"], ["y"], name="to_float", to=TensorProto.FLOAT)]
+    proto = make_model(nodes, [("ids", INT64, ["N"])], [("y", FLOAT, ["N", 32])], inits)
+    feeds = [{"ids": np.array([0, 5, -1], np.int64)}]
+    out, report = onnxslim_kit.optimize(proto, passes=["quantize-int8:include=emb"], calibration=feeds)
+    onnx.checker.check_model(out, full_check=True)
+    assert dict(report.passes[0].skipped)["emb"] == "embedding table is float16, not float32: kept as it is"
+    assert [n.op_type for n in out.graph.node] == ["Gather", "Cast"]
+    np.testing.assert_array_equal(run_model(proto, feeds[0])[0], run_model(out, feeds[0])[0])

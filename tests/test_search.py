@@ -722,3 +722,25 @@ def test_search_objective_latency_polish_drops_group_that_slows_the_plan(monkeyp
     onnx.checker.check_model(result.model, full_check=True)
     balanced = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", techniques=[INT8, PRUNE])
     assert {e.technique for e in balanced.plan} == {INT8, PRUNE}   # no polish for the balanced objective
+
+
+def test_search_reverts_to_whole_groups_when_level_raises_break_the_plan(tmp_path, monkeypatch):
+    """The singles after the groups only raise levels (prune 0.5 -> 0.75, same plan length): when they break
+    the plan, the search still goes back to the verified groups instead of reverting layers to nothing."""
+    proto, calib = _model(), _calib()
+    p75 = PRUNE.replace("ratio=0.5", "ratio=0.75")
+    name = _user_module(tmp_path, monkeypatch, """
+import numpy as np
+
+def score(outputs, reference):
+    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
+    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
+    return 1.0 if 1.0 - a @ b / np.linalg.norm(a) / np.linalg.norm(b) <= 7e-5 else 0.0
+""")
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score",
+                                 techniques=[PRUNE, p75], objective="size")
+    assert f"{PRUNE} on MatMul" in result.group_drops and result.group_drops[f"{PRUNE} on MatMul"] == 0.0
+    assert not result.steps[0].met
+    assert result.steps[1].action == "revert to the whole groups" and result.steps[1].met
+    assert result.met and sorted(e.layer for e in result.plan) == ["up0", "up1"]   # both layers still pruned
+    onnx.checker.check_model(result.model, full_check=True)
