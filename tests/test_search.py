@@ -744,3 +744,35 @@ def score(outputs, reference):
     assert result.steps[1].action == "revert to the whole groups" and result.steps[1].met
     assert result.met and sorted(e.layer for e in result.plan) == ["up0", "up1"]   # both layers still pruned
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_search_latency_polish_does_not_re_offer_groups_left_out(monkeypatch):
+    """The speed repair takes int8 out of a plan slower than the original; the polish then drops svd (the plan
+    runs faster without it). The budget svd held is re-offered to the remaining changes, never to int8 or
+    svd again."""
+    module = sys.modules["onnxslim_kit.search"]
+
+    def fake(original, candidates, feed, *, threads=2, rounds=5, **_):
+        out = []
+        for c in candidates:
+            m = onnx.load(c) if isinstance(c, (str, Path)) else c
+            quantized = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+            factored = any(n.name.endswith("_factor_a") for n in m.graph.node)
+            pruned = any(64 in t.dims for t in m.graph.initializer)
+            if quantized:
+                per = [1.02, 1.3, 0.95, 1.04, 1.4] if not (factored or pruned) else [1.2] * 5
+            else:
+                per = [0.9 if factored and pruned else 0.95 if factored else 0.8 if pruned else 1.0] * 5
+            out.append(per[:rounds])
+        return out
+
+    monkeypatch.setattr(module, "latency_rounds", fake)
+    proto, calib = _model(), _calib()
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", techniques=[INT8, PRUNE, SVD],
+                                 objective="latency")
+    actions = [s.action for s in result.steps]
+    assert f"speed: without {INT8} on MatMul" in actions and f"latency: without {SVD} on MatMul" in actions
+    assert {f"{INT8} on MatMul", f"{SVD} on MatMul"} <= set(result.excluded)
+    assert result.met and {e.technique for e in result.plan} == {PRUNE}
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    onnx.checker.check_model(result.model, full_check=True)
