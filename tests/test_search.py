@@ -51,6 +51,20 @@ def _user_module(tmp_path, monkeypatch, body: str) -> str:
     return name
 
 
+def _threshold_metric(tmp_path, monkeypatch, max_damage: float) -> str:
+    """A user metric (module:function) that is 1 while the cosine damage of output res1 over all samples stays
+    <= ``max_damage``, else 0: each change alone can pass while several together fail."""
+    name = _user_module(tmp_path, monkeypatch, f"""
+import numpy as np
+
+def score(outputs, reference):
+    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
+    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
+    return 1.0 if 1.0 - a @ b / np.linalg.norm(a) / np.linalg.norm(b) <= {max_damage!r} else 0.0
+""")
+    return f"{name}:score"
+
+
 def test_search_greedy_respects_target_on_search_data():
     proto, calib = _model(), _calib()
     result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.01", techniques=[QW, PRUNE, INT8],
@@ -141,16 +155,8 @@ def test_search_repair_reverts_layers_when_damage_compounds(tmp_path, monkeypatc
     damages = sorted(e.damage for e in single.evaluations if e.status == "ok")
     assert len(damages) == 4
     threshold = 1.0 - 1.5 * damages[-1]   # every change alone passes
-    name = _user_module(tmp_path, monkeypatch, f"""
-import numpy as np
-
-def score(outputs, reference):
-    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
-    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
-    cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-    return 1.0 if cos >= {threshold!r} else 0.0
-""")
-    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score", techniques=[QW],
+    metric = _threshold_metric(tmp_path, monkeypatch, 1.5 * damages[-1])
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=metric, techniques=[QW],
                                  objective="size")
     assert [s.met for s in result.steps][0] is False and result.steps[0].entries == 4
     assert result.met and result.steps[-1].met and 2 <= result.verifications <= 8
@@ -626,15 +632,8 @@ def test_search_reverts_to_whole_groups_when_singles_break_the_plan(tmp_path, mo
     (predicted drop 0), pruning both does not. The greedy's first plan (group + both prunes) fails; the
     repair goes back to the group, verified, and extends it by one prune."""
     proto, calib = _model(), _calib()
-    name = _user_module(tmp_path, monkeypatch, """
-import numpy as np
-
-def score(outputs, reference):
-    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
-    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
-    return 1.0 if 1.0 - a @ b / np.linalg.norm(a) / np.linalg.norm(b) <= 4.5e-5 else 0.0
-""")
-    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score",
+    metric = _threshold_metric(tmp_path, monkeypatch, 4.5e-5)
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=metric,
                                  techniques=[QW, PRUNE], objective="size")
     assert result.groups_taken == [f"{QW} on MatMul"] and result.group_drops[f"{PRUNE} on MatMul"] == 1.0
     assert result.steps[0].action == "greedy" and not result.steps[0].met and result.steps[0].entries == 6
@@ -729,15 +728,8 @@ def test_search_reverts_to_whole_groups_when_level_raises_break_the_plan(tmp_pat
     the plan, the search still goes back to the verified groups instead of reverting layers to nothing."""
     proto, calib = _model(), _calib()
     p75 = PRUNE.replace("ratio=0.5", "ratio=0.75")
-    name = _user_module(tmp_path, monkeypatch, """
-import numpy as np
-
-def score(outputs, reference):
-    a = np.concatenate([r["res1"].ravel() for r in reference]).astype(np.float64)
-    b = np.concatenate([o["res1"].ravel() for o in outputs]).astype(np.float64)
-    return 1.0 if 1.0 - a @ b / np.linalg.norm(a) / np.linalg.norm(b) <= 7e-5 else 0.0
-""")
-    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=f"{name}:score",
+    metric = _threshold_metric(tmp_path, monkeypatch, 7e-5)
+    result = onnxslim_kit.search(proto, calib, target="accuracy_drop=0.5", metric=metric,
                                  techniques=[PRUNE, p75], objective="size")
     assert f"{PRUNE} on MatMul" in result.group_drops and result.group_drops[f"{PRUNE} on MatMul"] == 0.0
     assert not result.steps[0].met
