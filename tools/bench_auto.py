@@ -134,9 +134,9 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
                      f"search-data drop {result.search_drop:+.4f} ({result.search_samples} samples, cross-fitted halves; "
                      f"the returned model fitted on {result.fit_samples}), held-out drop {info[label]['drop']:+.4f} "
                      f"({sum(len(next(iter(f.values()))) for f in held)} samples); metric {metric}"
-                     + (f"; latency probe: " + ", ".join(f"{k} {v:.3f}x" if v is not None else f"{k} n/a"
+                     + ("; latency probe: " + ", ".join(f"{k} {v:.3f}x" if v is not None else f"{k} n/a"
                                                        for k, v in result.probe.items())
-                        + (f"; not used (slower): {', '.join(result.excluded)}" if result.excluded else "")
+                        + (f"; not used (probe, speed repair or polish): {', '.join(result.excluded)}" if result.excluded else "")
                         if result.probe else ""))
     ok = [k for k in names if k.startswith("uniform") and info[k]["drop"] <= drop + 1e-12]
     # The same choice made without the held-out data, by the search's own rule: a uniform variant
