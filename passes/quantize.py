@@ -798,20 +798,15 @@ _SHARE_SCALE = ("Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsquee
 
 def quantize_rows_blocked(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric uint8 quantization of a [rows, hidden] table in blocks of ``block_size`` along hidden:
-    (uint8 values [rows, hidden], float32 scales and uint8 zero points [rows, hidden / block_size]).
+    (uint8 values [rows, hidden], float32 scales and uint8 zero points [rows, hidden / block_size]);
+    quantize-weights' blocked quantizer on the transposed table.
 
     Each block's grid spans [min(lo, 0), max(hi, 0)]: all 255 steps cover the block's real range (a
     symmetric grid with zero point 128 spends half of its steps on the side a lopsided block does not
     use), and 0.0 stays exact (padding rows are zero vectors)."""
-    rows, hidden = table.shape
-    blocks = table.astype(np.float32).reshape(rows, hidden // block_size, block_size)
-    lo = np.minimum(blocks.min(axis=-1), 0.0)
-    hi = np.maximum(blocks.max(axis=-1), 0.0)
-    scale = ((hi - lo) / 255.0).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)  # an all-zero block: q == zp
-    zero = np.clip(np.rint(-lo / scale), 0, 255)
-    q = np.clip(np.rint(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
-    return q.reshape(rows, hidden), scale, zero.astype(np.uint8)
+    q, scale, zero = quantize_blocked(table.astype(np.float32).T, bits=8, block_size=block_size, symmetric=False)
+    return (np.ascontiguousarray(q.T).astype(np.uint8), np.ascontiguousarray(scale.T),
+            np.ascontiguousarray(zero.T).astype(np.uint8))
 
 
 def _fed_by(model: Model, tensor: gs.Tensor, compute: set[str], depth: int = 8) -> bool:
