@@ -147,6 +147,10 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     ctx = PassContext(calibration=data, calibration_is_random=data.is_random, input_shapes=shapes, seed=seed,
                       reference=proto, progress=progress)
     before = model_stats(proto, shapes, file_bytes=source_bytes)
+    overrides = None
+    if isinstance(tolerance, dict):
+        overrides = dict(tolerance)
+        _tolerance(Tolerance(), overrides)  # validate keys before anything runs (the parity reference thread included)
     checker = None
     if check != "off":
         # In memory, the reference runs in a background thread next to the passes: one onnxruntime
@@ -162,14 +166,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
             checker.reference_outputs  # noqa: B018 - computed now, and the reference session released
         elif check == "end":
             checker.prefetch()  # runs while the passes do (in memory: two sessions may coexist)
-    overrides = None
-    if isinstance(tolerance, dict):
-        overrides = dict(tolerance)
-        _tolerance(Tolerance(), overrides)  # validate keys before running anything
-    if streamed:
-        working = Model.load(label)
-    else:
-        working = Model.from_proto(proto, source=label)
+    with _close_on_error(checker):
+        working = Model.load(label) if streamed else Model.from_proto(proto, source=label)
     per_pass = check == "per-pass"
     # While the parity reference runs in its background thread, the passes' sessions (calibration,
     # activation streams) take half the CPUs unless the caller set a process default (analyze's

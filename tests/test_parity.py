@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -430,3 +431,17 @@ def test_parity_prefetch_reads_calibration_files_once_for_both_threads():
     report = checker.check(proto, EXACT)
     assert report.ok and report.num_batches == 4 and len(reads) == 1
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_bad_tolerance_key_through_the_api_is_one_input_error_not_an_abort():
+    """The API validates tolerance keys before the parity reference thread starts: an InputError, not an
+    interpreter abort (exit 134) from a native thread left running."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("from onnxslim_kit import api\n"
+            "api.optimize('models/bert_tiny.onnx', num_samples=512, batch_size=64, tolerance={'bogus': 1})\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr[-500:]   # the exception, not 134
+    assert "InputError: --tolerance: unknown tolerance key 'bogus'" in res.stderr
