@@ -6,7 +6,7 @@ Targets (:func:`parse_target`):
   original on the search data (``cosine``: the original scores 1.0, so ``accuracy_drop=0.01`` means the
   smallest output cosine stays >= 0.99; ``top1`` with labels: accuracy may drop by ``D``);
 - ``size=Rx``: the model's bytes at most ``R`` times the original's;
-- ``latency=Rx``: the latency (onnxruntime, :func:`latency_ratios`: interleaved with the original,
+- ``latency=Rx``: the latency (onnxruntime, :func:`latency_rounds`: interleaved with the original,
   paired per round, at ``latency_batch`` rows and ``latency_threads``) at most ``R`` times the original's.
 
 How (:func:`search`):
@@ -341,21 +341,20 @@ def latency_rounds(original: onnx.ModelProto, candidates: list, feed: dict[str, 
     return [[c / o for c, o in zip(cand, per_round[0])] for cand in per_round[1:]]
 
 
-def latency_ratios(original: onnx.ModelProto, candidates: list[onnx.ModelProto], feed: dict[str, np.ndarray],
-                   *, threads: int = 2, rounds: int = 5, batch: int = 1) -> list[float]:
-    """The median over rounds of :func:`latency_rounds`: each candidate's latency / the original's."""
-    return [statistics.median(r) for r in latency_rounds(original, candidates, feed, threads=threads, rounds=rounds,
-                                                         batch=batch)]
-
-
 class _Timings:
-    """The latencies the balanced objective decides on, kept in the analysis cache (when given): a rerun,
-    or the same search on another executor, then takes the same decisions and builds the same plan."""
+    """Every latency a search measures (probe, plans, latency targets, the result's ratio), kept in the
+    analysis cache (when given): a rerun, or the same search on another executor, then takes the same
+    decisions and builds the same plan."""
 
     def __init__(self, cache, original: onnx.ModelProto, feed: dict[str, np.ndarray], *, report, threads: int,
-                 batch: int, seed: int):
+                 batch: int, seed: int, label: str):
         self.store = _Cache(cache) if cache is not None else None
-        self.original, self.feed, self.threads, self.batch = original, feed, threads, batch
+        self.original, self.threads, self.batch = original, threads, batch
+        self.feed = _latency_feed(original, feed, batch)
+        # A model that cannot run at the latency batch (a batch dim declared dynamic but fixed inside the
+        # graph) fails here with one line, not inside the timing loop.
+        run_feeds(original, [self.feed], threads=1, label=label,
+                  source=f"the latency feed ({batch} row(s) on dynamic-batch inputs; --latency-batch)")
         self.base = {"model": report.model_fingerprint, "calibration": report.calibration_id, "threads": threads,
                      "batch": batch, "rounds": PROBE_ROUNDS, "seed": seed}
 
@@ -396,7 +395,7 @@ class _Timings:
             self._keep(fields, rounds)
         return rounds
 
-    def probe(self, cands: list[PlanEntry], build: Callable[[list[PlanEntry]], Model]
+    def probe(self, cands: list[PlanEntry], build: Callable[[list[PlanEntry]], onnx.ModelProto]
               ) -> tuple[dict[str, float | None], dict[str, str]]:
         """Each technique applied to all its candidate layers of one op type at once (``build``), timed
         against the original: ({group: median ratio, None where it does not build}, {group: why it is
@@ -414,15 +413,15 @@ class _Timings:
                 if key in measured:
                     continue
                 try:
-                    built_model = build(members)
+                    built = build(members)
                 except OnnxSlimError as exc:
                     probe[key] = None
                     logger.info("latency probe of %s: does not build on all its layers at once (%s); not timed",
                                 key, exc)
                     continue
                 paths.append(os.path.join(folder, f"probe{len(paths)}.onnx"))
-                save_proto(built_model.to_proto(), paths[-1])
-                del built_model
+                save_proto(built, paths[-1])
+                del built
                 names.append(key)
             if paths:
                 for key, per_round in zip(names, self._time(paths)):
@@ -797,8 +796,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             discordant, count = top1_discordant(outs, ref_s, s_labels)
             margin = top1_margin(z, discordant, count)
         size = model_stats(proto, shapes or None).bytes / max(1, original_sizes["bytes"])
-        lat = latency_ratios(original, [proto], s_feeds[0], threads=latency_threads,
-                             batch=latency_batch)[0] if tgt.kind == "latency" else None
+        lat = statistics.median(timings.plan(entries, proto)) if tgt.kind == "latency" else None
         drop = base_s - score
         met = {"accuracy_drop": max(drop, 0.0) + margin <= tgt.value + eps, "size": size <= tgt.value,
                "latency": lat is not None and lat <= tgt.value}[tgt.kind]
@@ -824,18 +822,19 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     probe: dict[str, float | None] = {}
     excluded: dict[str, str] = {}
     timings = _Timings(cache, original, s_feeds[0], report=report, threads=latency_threads, batch=latency_batch,
-                       seed=seed)
+                       seed=seed, label=label)
     joint: dict[str, float] = {}   # group -> its measured drop, all its layers changed at once
     groups_taken: dict[str, set[tuple[str, str]]] = {}   # group taken whole -> its members
 
-    def group_model(members: list[PlanEntry]) -> Model:
-        """The group built on the first half, its drop scored on the second (also for the greedy)."""
-        model_g = fitted(members, fit_data)[0]
-        if tgt.kind == "accuracy_drop":
-            outs = _run(model_g.to_proto(), other_feeds)
+    def group_model(members: list[PlanEntry]) -> onnx.ModelProto:
+        """The group built on the first half; for accuracy_drop its drop scored on the second (the greedy
+        takes groups of two or more layers whole)."""
+        proto_g = fitted(members, fit_data)[0].to_proto()
+        if tgt.kind == "accuracy_drop" and WHOLE_GROUPS and len(members) >= 2:
+            outs = _run(proto_g, other_feeds)
             joint[_group(members[0])] = max(0.0, base_o - scorer.score(
                 outs, ref_s[:len(other_feeds)], s_labels[:n_other] if s_labels is not None else None))
-        return model_g
+        return proto_g
 
     if probing:
         probe, excluded = timings.probe(cands, group_model)
@@ -932,7 +931,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 group_model(members)
             except OnnxSlimError as exc:
                 logger.info("group %s does not build on all its layers at once (%s)", key, exc)
-        for key in [k for k in joint if k not in groups or len(groups[k]) < 2 or not WHOLE_GROUPS]:
+        for key in [k for k in joint if k not in groups]:   # left out by the probe
             del joint[key]
         taken_groups: dict[tuple, float] = {}   # (pass, other options, op) -> the joint drop taken
         for key in sorted(joint, key=lambda k: (joint[k] / max(eps, sum(saved(c) for c in groups[k])), k)):
@@ -1108,9 +1107,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
 
     proto, pipe, score, size, lat, margin = current
     if lat is None and proto is not None:
-        lat = measured_lat if measured_lat is not None else latency_ratios(original, [proto], s_feeds[0],
-                                                                             threads=latency_threads,
-                                                                             batch=latency_batch)[0]
+        lat = measured_lat if measured_lat is not None else statistics.median(timings.plan(plan, proto))
     hold_base = hold_score = hold_drop = None
     if h_feeds:
         hold_base = scorer.baseline(ref_h, h_labels)

@@ -418,7 +418,7 @@ def _fake_latency(slow_op: str, calls: list, slow=(1.3, 1.3, 1.3, 1.3, 1.3)):
 
 
 def test_search_balanced_leaves_out_technique_that_makes_model_slower(monkeypatch, tmp_path):
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
     calls: list = []
     monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", calls))
     proto, calib = _model(), _calib()
@@ -448,7 +448,7 @@ def test_search_balanced_leaves_out_technique_that_makes_model_slower(monkeypatc
 def test_search_balanced_keeps_technique_faster_in_one_round(monkeypatch):
     """Slower in four rounds of five, faster in one, median within 1.05x: not shown slower, so int8
     stays a candidate and its median ratio is reported. With a median 1.2x slower it is left out."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
     monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", [], (1.02, 1.3, 0.95, 1.04, 1.4)))
     result = onnxslim_kit.search(_model(), _calib(), target="accuracy_drop=0.05", techniques=[INT8])
     assert not result.excluded and result.probe and all(v == 1.04 for v in result.probe.values())
@@ -462,7 +462,7 @@ def test_search_balanced_speed_repair_drops_group_when_plan_is_slower(monkeypatc
     """The probe keeps int8 (faster in one round of five, median 1.04x); the verified plan with int8 is then slower than
     the original in every round: the speed repair removes the int8 group, verifies, and keeps the faster,
     still verified plan."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
     probe = _fake_latency("QuantizeLinear", [], (1.02, 1.3, 0.95, 1.04, 1.4))
     later = _fake_latency("QuantizeLinear", [], (1.2, 1.2, 1.2, 1.2, 1.2))
     calls: list = []
@@ -486,7 +486,7 @@ def test_search_balanced_speed_repair_drops_group_when_plan_is_slower(monkeypatc
 def test_search_balanced_rerun_with_cache_reuses_timings_and_plan(monkeypatch, tmp_path):
     """The probe's and the speed repair's timings go into --cache: a rerun (or the same search on
     another executor) decides on the same numbers and builds the same plan, timing nothing."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
     first: list = []
     monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", first))
     proto, calib = _model(), _calib()
@@ -504,19 +504,24 @@ def test_search_balanced_rerun_with_cache_reuses_timings_and_plan(monkeypatch, t
 
 
 def test_search_latency_batch_reaches_every_timing(monkeypatch):
-    module = sys.modules["onnxslim_kit.search"]
+    """Every session the search times (probe, plans, a latency target, the result's ratio) runs the feed at
+    --latency-batch rows on --latency-threads threads (the real timing path, only the clock faked)."""
     feeds: list = []
 
-    def fake(original, candidates, feed, *, threads=2, rounds=5, batch=1, **_):
-        feeds.append((threads, module._latency_feed(original, feed, batch)))
-        return [[0.9] * rounds for _ in candidates]
+    def fake(models, feed, *, threads=2, runs=20, warmup=3, rounds=3):
+        feeds.append((threads, feed["x"].shape[0]))
+        return [[1e-4] * (runs * rounds) for _ in models]
 
-    monkeypatch.setattr(module, "latency_rounds", fake)
+    monkeypatch.setattr(search_module, "time_sessions", fake)
     result = onnxslim_kit.search(_model(), _calib(4), target="accuracy_drop=0.05", techniques=[INT8],
                                  latency_batch=6, latency_threads=1)
-    assert result.probe and feeds
+    assert result.probe and result.latency_ratio == 1.0 and feeds
+    calls = len(feeds)
+    onnxslim_kit.search(_model(), _calib(4), target="latency=0.9x", techniques=[INT8], latency_batch=6,
+                        latency_threads=1)
+    assert len(feeds) > calls
     # 6 rows asked, the first calibration feed has 1: repeated; every timing saw them, on 1 thread.
-    assert all(t == 1 and f["x"].shape[0] == 6 for t, f in feeds)
+    assert set(feeds) == {(1, 6)}
     with pytest.raises(InputError, match="latency_batch"):
         onnxslim_kit.search(_model(), _calib(4), target="accuracy_drop=0.05", latency_batch=0)
 
@@ -524,7 +529,7 @@ def test_search_latency_batch_reaches_every_timing(monkeypatch):
 def test_search_latency_target_orders_by_measured_speed_not_macs(monkeypatch):
     """The probe says int8 halves the latency and pruning changes nothing: a latency target is met with
     int8 (which saves no MACs, so a MACs ordering would not even list it) and without pruning."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
     monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", [], (0.5,) * 5))
     original_fake = module.latency_rounds
 
@@ -681,7 +686,7 @@ def test_search_size_classes_split_a_technique_whose_layers_differ_in_size():
 def test_search_objective_latency_probes_and_orders_by_measured_saving(monkeypatch):
     """objective latency: the same probe as balanced (a technique slower in every round is left out); int8,
     measured no faster (1.0x), saves no latency, so with room for only one group the plan takes pruning."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
     calls: list = []
     monkeypatch.setattr(module, "latency_rounds", _fake_latency("QuantizeLinear", calls, (1.0,) * 5))
     proto, calib = _model(), _calib()
@@ -699,7 +704,7 @@ def test_search_objective_latency_polish_drops_group_that_slows_the_plan(monkeyp
     """Each technique alone is faster (int8 0.95x, pruning 0.9x) but the plan holding both runs 1.0x: the
     polish builds the plan without each group, times it against the plan in the same rounds and drops
     int8, which the plan runs faster without."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
 
     def fake(original, candidates, feed, *, threads=2, rounds=5, **_):
         out = []
@@ -742,7 +747,7 @@ def test_search_latency_polish_does_not_re_offer_groups_left_out(monkeypatch):
     """The speed repair takes int8 out of a plan slower than the original; the polish then drops svd (the plan
     runs faster without it). The budget svd held is re-offered to the remaining changes, never to int8 or
     svd again."""
-    module = sys.modules["onnxslim_kit.search"]
+    module = search_module
 
     def fake(original, candidates, feed, *, threads=2, rounds=5, **_):
         out = []
@@ -768,3 +773,18 @@ def test_search_latency_polish_does_not_re_offer_groups_left_out(monkeypatch):
     assert result.met and {e.technique for e in result.plan} == {PRUNE}
     assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_search_latency_batch_the_model_cannot_run_is_one_input_error():
+    """x is [N, 32] but a Reshape fixes the batch to 1: at --latency-batch 4 the original fails, said in one
+    line naming the latency feed, before any timing."""
+    from builders import FLOAT, init, make_model
+
+    w = rng(2).standard_normal((32, 16)).astype(np.float32)
+    nodes = [onnx.helper.make_node("Reshape", ["x", "shape"], ["r"], name="rs"),
+             onnx.helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 32])], [("y", FLOAT, [1, 16])],
+                       [init("w", w), init("shape", np.array([1, 32], np.int64))])
+    calib = {"x": rng(3).standard_normal((8, 32)).astype(np.float32)}
+    with pytest.raises(InputError, match=r"fails on .*the latency feed \(4 row\(s\)"):
+        onnxslim_kit.search(proto, calib, target="accuracy_drop=0.05", techniques=[INT8], latency_batch=4)
