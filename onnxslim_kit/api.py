@@ -239,7 +239,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     if output is not None and not written:
         save_proto(out_proto, output, serialized=serialized)
         written = True
-        report.after.bytes = len(serialized) if serialized is not None else disk_bytes(output)
+        if serialized is None:   # else the stats already hold len(serialized)
+            report.after.bytes = disk_bytes(output)
     report.written = written
     report.seconds = time.perf_counter() - start
     return out_proto, report

@@ -429,11 +429,10 @@ class Model:
         return self._tensor_map
 
     def has_node(self, node: gs.Node) -> bool:
-        """``node in self.graph.nodes``, looked up by identity first: graphsurgeon's ``Node.__eq__``
-        compares names, attributes and tensors (and formats a log line) for every node before it in
-        the list. Falls back to that comparison when the node itself is not there."""
-        nodes = self.graph.nodes
-        return any(n is node for n in nodes) or node in nodes
+        """Whether this very node is still in the main graph (by identity: graphsurgeon's ``Node.__eq__``
+        compares names, attributes and tensors, and formats a log line, for every node before it, and
+        would call a removed node present when a live one equals it)."""
+        return any(n is node for n in self.graph.nodes)
 
     def node_by_name(self, name: str) -> gs.Node | None:
         for node in self.graph.nodes:
@@ -501,8 +500,6 @@ class Model:
             for graph in _all_graphs(self.graph):
                 names.update(t.name for t in tensor_map(graph).values())
                 names.update(n.name for n in graph.nodes if n.name)
-                names.update(t.name for t in graph.inputs)
-                names.update(t.name for t in graph.outputs)
             self._names = names
         name, i = prefix, 0
         while name in self._names:

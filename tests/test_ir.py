@@ -358,3 +358,12 @@ def test_ir_unique_name_after_reset_sees_names_added_without_it():
     model.graph.nodes[0].outputs[0].name = "plugin"  # a rename that bypassed unique_name
     model.reset_names()
     assert model.unique_name("plugin") == "plugin_1"
+
+
+def test_ir_has_node_is_identity_not_equality():
+    """A node removed from the graph is not present even when a live node equals it."""
+    proto = conv_bn_relu(channels=4)
+    model = Model.from_proto(proto)
+    live = model.graph.nodes[0]
+    twin = gs.Node(live.op, live.name, attrs=dict(live.attrs), inputs=list(live.inputs), outputs=list(live.outputs))
+    assert model.has_node(live) and twin == live and not model.has_node(twin)

@@ -584,6 +584,9 @@ def test_search_balanced_on_digits_cnn_uses_no_excluded_group(tmp_path):
     assert set(result.excluded) <= set(result.probe)
     assert not {search_module._group(e) for e in result.plan} & set(result.excluded)
     assert result.met and result.latency_ratio is not None and result.latency_ratio > 0
+    # top1: every verification carries the prediction margin, and a met one holds drop + margin.
+    assert all(s.margin > 0 for s in result.steps if math.isfinite(s.search_drop))
+    assert all(max(s.search_drop, 0.0) + s.margin <= 0.02 + 1e-12 for s in result.steps if s.met)
     report = result.to_dict()
     assert report["objective"] == "balanced" and report["latency_probe"] and "excluded" in report
     onnx.checker.check_model(result.model, full_check=True)
