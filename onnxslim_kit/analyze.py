@@ -61,7 +61,7 @@ import onnx
 
 from . import executors
 from .calibration import CalibrationData
-from .errors import InputError, OnnxSlimError
+from .errors import InputError, OnnxSlimError, one_line
 from .ir import Model
 from .metrics import model_stats
 from .parity import _json_float, metrics_for
@@ -299,7 +299,7 @@ def evaluate_one(state: _State, technique: str, layer: str, op: str) -> Evaluati
         del session
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         ev.status = "error"
-        ev.reason = f"candidate does not run in onnxruntime ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ev.reason = f"candidate does not run in onnxruntime ({one_line(exc, 200)})"
         ev.seconds = time.perf_counter() - start
         return ev
     damages, cosines, snrs = [], [], []

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (whitespace runs collapsed), the message cut at ``limit`` characters:
+    how every error message quotes an exception from onnxruntime, numpy or the user's code."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
 class OnnxSlimError(Exception):
     """Base class for every error this project raises on purpose."""
 

@@ -42,7 +42,7 @@ import time
 import warnings
 from typing import Any, Iterator
 
-from .errors import InputError, OnnxSlimError
+from .errors import InputError, OnnxSlimError, one_line
 from .runtime import default_threads, set_default_threads
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def run_ray(state: Any, tasks: list[Task], address: str | None) -> Iterator[Resu
         except Exception as exc:  # noqa: BLE001 - connection errors come in several types
             where = address or "a local Ray instance"
             raise InputError(f"--executor: could not start or reach {where} "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                             f"({one_line(exc, 200)})") from None
         started = True
     remote = ray.remote(num_cpus=1, max_retries=0)(_ray_evaluate)
     pending: dict = {}
@@ -228,8 +228,7 @@ def run_ray(state: Any, tasks: list[Task], address: str | None) -> Iterator[Resu
                     raise  # an exception raised by the evaluation itself: as in the local pool
                 except ray.exceptions.RayError as exc:
                     raise OnnxSlimError(
-                        f"analyze: a Ray task failed ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:200]}); finished evaluations are in the cache; "
+                        f"analyze: a Ray task failed ({one_line(exc, 200)}); finished evaluations are in the cache; "
                         f"rerun to resume") from None
     finally:
         for ref in pending:  # an error or an interruption: drop what has not run yet

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from .calibration import CalibrationData
-from .errors import InputError
+from .errors import InputError, one_line
 from .pass_base import Tolerance
 from .runtime import make_session
 from .shapes import elem_type, value_infos, with_outputs
@@ -380,11 +380,6 @@ def _read_ahead(feeds: Iterable, budget: int) -> Iterator:
     return gen()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
-
-
 class ParityChecker:
     """Compares candidates against one reference on fixed calibration data; reference outputs are
     computed once (on first use) and reused for every check.
@@ -405,7 +400,7 @@ class ParityChecker:
             self._ref_session = make_session(self._reference_path or self._reference, optimize=False,
                                              threads=reference_threads or threads, mem_arena=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise InputError(f"reference model does not load in onnxruntime ({_one_line(exc)})") from None
+            raise InputError(f"reference model does not load in onnxruntime ({one_line(exc)})") from None
         self.output_names = [o.name for o in self._ref_session.get_outputs()]
         self._ref_outputs: list[dict[str, np.ndarray]] | None = None
         self._prefetch: tuple[threading.Thread, dict] | None = None
@@ -469,7 +464,7 @@ class ParityChecker:
                 hint = ("; random data may not suit this model: pass real data (--calib) or pin "
                         "shapes (--input-shape)") if self.data.is_random else ""
                 raise InputError(f"reference model fails on calibration batch {i} of {self.data.source} "
-                                 f"({_one_line(exc)}){hint}") from None
+                                 f"({one_line(exc)}){hint}") from None
             outs.append(dict(zip(self.output_names, values)))
         self._ref_session = None  # before any candidate session exists
         return outs
@@ -487,7 +482,7 @@ class ParityChecker:
         try:
             session = _session(candidate, optimize=True, threads=self.threads)
         except Exception as exc:  # noqa: BLE001
-            return self._failed(tolerance, f"candidate does not load in onnxruntime ({_one_line(exc)})", 0)
+            return self._failed(tolerance, f"candidate does not load in onnxruntime ({one_line(exc)})", 0)
         cand_names = [o.name for o in session.get_outputs()]
         missing = [n for n in self.output_names if n not in cand_names]
         extra = [n for n in cand_names if n not in self.output_names]
@@ -504,7 +499,7 @@ class ParityChecker:
                 values = session.run(common, feed)
             except Exception as exc:  # noqa: BLE001
                 del session
-                return self._failed(tolerance, f"candidate fails on batch {i} ({_one_line(exc)})", batches)
+                return self._failed(tolerance, f"candidate fails on batch {i} ({one_line(exc)})", batches)
             for name, value in zip(common, values):
                 accs[name].update(ref[name], value)
             batches += 1
@@ -567,13 +562,13 @@ class ParityChecker:
             try:
                 ref_vals = ref_sess.run(names, feed)
             except Exception as exc:  # noqa: BLE001
-                raise InputError(f"reference model fails on calibration batch {i} ({_one_line(exc)})") from None
+                raise InputError(f"reference model fails on calibration batch {i} ({one_line(exc)})") from None
             try:
                 cand_vals = cand_sess.run(names, feed)
             except Exception as exc:  # noqa: BLE001
                 node = order[0][1]
                 metrics = OutputMetrics(names[0], (), (), "", "", float("nan"), float("nan"), float("nan"),
-                                        float("nan"), None, False, f"candidate fails ({_one_line(exc)})")
+                                        float("nan"), None, False, f"candidate fails ({one_line(exc)})")
                 return LocateResult(node.name, node.op_type, names[0], metrics, 0)
             for n, a, b in zip(names, ref_vals, cand_vals):
                 accs[n].update(a, b)

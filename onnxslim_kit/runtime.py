@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run_feeds(model: onnx.ModelProto | str | os.PathLike, feeds, *, optimize: bo
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
         if label is None:
             raise
-        raise InputError(f"{label}: does not load in onnxruntime ({type(exc).__name__})") from None
+        raise InputError(f"{label}: does not load in onnxruntime ({one_line(exc, 200)})") from None
     names = [o.name for o in session.get_outputs()]
     outputs = []
     for i, feed in enumerate(feeds):
@@ -185,7 +185,7 @@ def run_feeds(model: onnx.ModelProto | str | os.PathLike, feeds, *, optimize: bo
             if label is None:
                 raise
             raise InputError(f"{label}: fails on calibration batch {i} of {source} "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                             f"({one_line(exc, 200)})") from None
     return outputs
 
 

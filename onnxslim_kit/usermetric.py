@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 Outputs = Sequence[dict[str, np.ndarray]]
 BUILTIN = ("top1", "cosine", "snr")
@@ -145,8 +145,7 @@ class Metric:
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's code: one line, never a traceback
-            raise InputError(f"--metric {self.spec}: raised {type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}") from None
+            raise InputError(f"--metric {self.spec}: raised {one_line(exc, 200)}") from None
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -177,8 +176,7 @@ def _import_function(spec: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - import errors of any kind, one line
-        raise InputError(f"--metric {spec}: cannot import module '{module_name}' ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:160]})") from None
+        raise InputError(f"--metric {spec}: cannot import module '{module_name}' ({one_line(exc, 160)})") from None
     finally:
         if added:
             sys.path.remove(cwd)
@@ -228,8 +226,7 @@ def load_labels(labels: Any, num_samples: int | None = None) -> np.ndarray | Non
         except InputError:
             raise
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            raise InputError(f"{label}: not a readable .npy/.npz labels file ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:120]})") from None
+            raise InputError(f"{label}: not a readable .npy/.npz labels file ({one_line(exc, 120)})") from None
         if not isinstance(arr, np.ndarray):
             raise InputError(f"{label}: not a .npy array or .npz archive")
     else:

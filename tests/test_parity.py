@@ -445,3 +445,26 @@ def test_bad_tolerance_key_through_the_api_is_one_input_error_not_an_abort():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr[-500:]   # the exception, not 134
     assert "InputError: --tolerance: unknown tolerance key 'bogus'" in res.stderr
+
+
+def test_run_feeds_with_label_turns_onnxruntime_failures_into_one_line_input_errors():
+    """runtime.run_feeds (analyze's reference run, the search's latency feed): with the model's label, a
+    model that does not load and a batch that does not run are one-line InputErrors naming both."""
+    from onnxslim_kit.errors import InputError
+    from onnxslim_kit.runtime import run_feeds
+
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="rs")]
+    proto = make_model(nodes, [("x", FLOAT, ["N", 4])], [("y", FLOAT, [1, 4])],
+                       [numpy_helper.from_array(np.array([1, 4], np.int64), "shape")])
+    ok = {"x": np.ones((1, 4), np.float32)}
+    assert run_feeds(proto, [ok], label="m.onnx")[0]["y"].shape == (1, 4)
+    with pytest.raises(InputError) as err:
+        run_feeds(proto, [ok, {"x": np.ones((3, 4), np.float32)}], label="m.onnx", source="calib.npz")
+    assert str(err.value).startswith("m.onnx: fails on calibration batch 1 of calib.npz (") and "\n" not in str(err.value)
+    broken = onnx.ModelProto.FromString(proto.SerializeToString())
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(InputError, match=r"^m\.onnx: does not load in onnxruntime \(\w+: .+\)$"):
+        run_feeds(broken, [ok], label="m.onnx")
+    with pytest.raises(Exception) as raw:   # without a label the caller handles onnxruntime's own error
+        run_feeds(broken, [ok])
+    assert not isinstance(raw.value, InputError)
