@@ -764,18 +764,18 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
     built: dict[tuple, tuple] = {}
     z = confidence_z(confidence)
 
+    original_bytes = original.SerializeToString()   # each build starts from a fresh copy of it
+
     def fitted(entries: list[PlanEntry], on: CalibrationData) -> tuple[Model, Pipeline]:
         ctx = PassContext(calibration=on, calibration_is_random=data.is_random, input_shapes=shapes,
                           seed=seed, reference=original)
         return _run_plan(build_pipeline(entries, report.layers),
-                         Model.from_proto(onnx.ModelProto.FromString(original.SerializeToString()), source=label),
-                         ctx)
+                         Model.from_proto(onnx.ModelProto.FromString(original_bytes), source=label), ctx)
 
     def build(entries: list[PlanEntry], action: str) -> tuple:
         key = tuple(sorted((e.technique, e.layer) for e in entries))
         if key in built:
             return built[key]
-        pipe = build_pipeline(entries, report.layers)
         try:
             result, pipe = fitted(entries, fit_data)
             twin = fitted(entries, other_data)[0].to_proto() if cross else None
@@ -786,7 +786,7 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
             steps.append(Step(entries=len(entries), action=f"{action} (does not build: {exc})",
                               search_score=-math.inf, search_drop=math.inf, size_ratio=math.inf,
                               latency_ratio=None, met=False))
-            built[key] = (None, pipe, -math.inf, math.inf, None, 0.0)
+            built[key] = (None, build_pipeline(entries, report.layers), -math.inf, math.inf, None, 0.0)
             return built[key]
         proto = result.to_proto()
         outs = _run(proto, other_feeds) + (_run(twin, fit_feeds) if cross else [])
@@ -933,19 +933,19 @@ def search(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, 
                 logger.info("group %s does not build on all its layers at once (%s)", key, exc)
         for key in [k for k in joint if k not in groups]:   # left out by the probe
             del joint[key]
-        taken_groups: dict[tuple, float] = {}   # (pass, other options, op) -> the joint drop taken
+        level_drops: dict[tuple, float] = {}   # (pass, other options, op, size class) -> joint drop of the level taken
         for key in sorted(joint, key=lambda k: (joint[k] / max(eps, sum(saved(c) for c in groups[k])), k)):
             members = groups[key]
             level = _level(members[0].technique)
             slot = (level[0], level[1], members[0].op, members[0].size_class) if level is not None else (key,)
-            more = joint[key] - taken_groups.get(slot, 0.0)
+            more = joint[key] - level_drops.get(slot, 0.0)
             if total + more > tgt.value + eps or not all(fits(c) for c in members):
                 continue
             weight = sum(saved(c) for c in members)
             for c in members:   # the joint drop shared by what each member saves (for reverts/extends)
                 take(replace(c, predicted_drop=joint[key] * saved(c) / weight if weight > eps else
                              joint[key] / len(members)))
-            taken_groups[slot] = joint[key]
+            level_drops[slot] = joint[key]
             groups_taken[key] = _keys(members)
             total += more
         grouped, grouped_total = list(plan), total
