@@ -85,6 +85,10 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+# optimize options that only mean something with --target (the search)
+_TARGET_ONLY = ("metric", "labels", "techniques", "holdout", "save_recipe", "cache", "executor", "objective",
+                "confidence", "latency_threads", "latency_batch", "workers", "max_verifications")
+
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxslim-kit")
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
@@ -221,13 +225,9 @@ def optimize(ctx, model, output, passes, recipe, calib, input_shapes, tolerances
 
     ctx.obj.update(quiet=quiet, report_path=report_path)
     if target is None:
-        given = [name for name, value in (("--metric", metric), ("--labels", labels), ("-t/--technique", techniques),
-                                          ("--holdout", holdout), ("--save-recipe", save_recipe),
-                                          ("--cache", cache), ("--executor", executor != "local"),
-                                          ("--objective", objective != "balanced"),
-                                          ("--confidence", confidence != 0.95),
-                                          ("--latency-threads", latency_threads != 2),
-                                          ("--latency-batch", latency_batch != 1)) if value]
+        # Given on the command line at all (a default restated counts too; nothing repeats the defaults here).
+        given = [f"--{name.replace('_', '-')}" if name != "techniques" else "-t/--technique" for name in _TARGET_ONLY
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise InputError(f"{', '.join(given)}: only with --target")
     else:

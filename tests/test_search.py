@@ -380,6 +380,8 @@ def test_labels_refuse_pickles_and_multi_array_npz(tmp_path):
     (["--metric", "top1"], "--metric: only with --target"),
     (["--executor", "ray"], "--executor: only with --target"),
     (["--confidence", "0.99"], "--confidence: only with --target"),
+    (["--confidence", "0.95", "-j", "2"], "--confidence, --workers: only with --target"),   # defaults restated
+    (["--max-verifications", "3"], "--max-verifications: only with --target"),
 ])
 def test_search_cli_bad_target_exits_2_with_one_line(tmp_path, args, message):
     model = tmp_path / "m.onnx"
