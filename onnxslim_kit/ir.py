@@ -802,7 +802,10 @@ def _constant_key(c: gs.Constant) -> tuple:
                 len(src.raw_data) > STUB_BYTES:
             return ("stub", c.name, src.data_type, tuple(src.dims), export_dtype)
         if src.ByteSize() <= 4 * STUB_BYTES:
-            return ("p", c.name, src.SerializeToString(deterministic=True), export_dtype)
+            payload = onnx.TensorProto()
+            payload.CopyFrom(src)
+            payload.ClearField("name")  # an export names the proto it reads: the key must not change with it
+            return ("p", c.name, payload.SerializeToString(deterministic=True), export_dtype)
     raise _Unkeyable
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from builders import (FLOAT, assert_parity, conv_bn_relu, init, make_model, relu_chain, run_model,
                       with_external_location)
@@ -367,3 +367,21 @@ def test_ir_has_node_is_identity_not_equality():
     live = model.graph.nodes[0]
     twin = gs.Node(live.op, live.name, attrs=dict(live.attrs), inputs=list(live.inputs), outputs=list(live.outputs))
     assert model.has_node(live) and twin == live and not model.has_node(twin)
+
+
+def test_ir_value_infos_cache_hits_with_constant_nodes_after_an_export(monkeypatch):
+    """A Constant node's value (kept as its TensorProto) keys the cache by payload: the name the first
+    export (value_infos' own) writes into that proto does not make the next value_infos() recompute."""
+    import onnxslim_kit.shapes as shapes
+
+    nodes = [helper.make_node("Constant", [], ["shape"], name="c",
+                              value=numpy_helper.from_array(np.array([3, 4], np.int64))),
+             helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape")]
+    model = Model.from_proto(make_model(nodes, [("x", FLOAT, [2, 6])], [("r", FLOAT, None)]))
+    calls = []
+    real = shapes.value_infos
+    monkeypatch.setattr(shapes, "value_infos", lambda p: calls.append(1) or real(p))
+    for _ in range(3):
+        assert _dims(model.value_infos(), "r") == [3, 4]
+    model.to_proto()
+    assert _dims(model.value_infos(), "r") == [3, 4] and len(calls) == 1
