@@ -33,15 +33,17 @@ CHECK_MODES = ("end", "per-pass", "off")
 Progress = Callable[[Iterable, str], Iterable]
 
 
-def _load(model: str | os.PathLike | onnx.ModelProto, *, weights: bool = True
+def _load(model: str | os.PathLike | onnx.ModelProto, *, weights: bool = True, size: bool = False
           ) -> tuple[str, onnx.ModelProto, int | None]:
-    """(label, proto, bytes on disk). ``weights=False``: external data is left in its file (the
-    proto holds references only)."""
+    """(label, proto, bytes on disk if ``size`` else None). ``weights=False``: external data is left in
+    its file (the proto holds references only)."""
     if isinstance(model, onnx.ModelProto):
         return "<memory>", model, None
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         proto = load_proto(path, load_external_data=weights)
+        if not size:
+            return path, proto, None
         # Without its weights loaded the proto still names its external-data files: no second parse.
         return path, proto, disk_bytes(path, header=None if weights else proto)
     raise InputError(f"expected a model path or an onnx.ModelProto, got {type(model).__name__}")
@@ -131,7 +133,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, passes: Any = None, 
     if passes is not None and recipe is not None:
         raise InputError("give passes or a recipe, not both")
     pipeline = Pipeline.coerce(passes) if recipe is None else Pipeline.from_recipe(recipe)
-    label, proto, source_bytes = _load(model, weights=False)
+    label, proto, source_bytes = _load(model, weights=False, size=True)
     # A model file with external data is never held as one in-memory protobuf: its weights are memory
     # maps of the file, the reference session is built from the file, and the candidate is saved once
     # (to the atomic-save folder of the output) and checked from there.
@@ -289,7 +291,7 @@ def _optimize_to_target(model, *, target, passes, recipe, tolerance, check, outp
 
 
 def inspect(model: str | os.PathLike | onnx.ModelProto, *, input_shapes: Any = None) -> ModelStats:
-    label, proto, size = _load(model)
+    label, proto, size = _load(model, size=True)
     return model_stats(proto, _shapes(input_shapes), file_bytes=size)
 
 
