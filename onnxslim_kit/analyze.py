@@ -452,12 +452,6 @@ def default_workers() -> int:
     return max(1, min(cpus, 8))
 
 
-def _embedding_table(model: Model, node) -> bool:
-    """Whether a Gather looks rows up in a constant float 2-D table (an embedding)."""
-    table = model.constant_value(node.inputs[0]) if node.inputs else None
-    return table is not None and table.ndim == 2 and np.issubdtype(table.dtype, np.floating)
-
-
 def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None, *,
             techniques: Iterable[str] | None = None, workers: int | None = None,
             executor: str = "local", cache: str | os.PathLike | None = None, latency: bool = False,
@@ -521,7 +515,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, calibration: Any = None,
     layers: list[tuple[str, str]] = []
     for node in base_model.nodes:
         if node.op in CANDIDATE_OPS and (node.domain or "") in ("", "ai.onnx"):
-            if node.op == "Gather" and not _embedding_table(base_model, node):
+            if node.op == "Gather" and base_model.embedding_table(node) is None:
                 continue  # index arithmetic on shapes, a lookup in an activation
             if not node.name:
                 node.name = base_model.unique_name(node.op.lower())

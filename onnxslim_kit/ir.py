@@ -455,6 +455,16 @@ class Model:
     def is_graph_input(self, tensor: gs.Tensor) -> bool:
         return any(t is tensor for t in self.graph.inputs)
 
+    def embedding_table(self, node: gs.Node) -> np.ndarray | None:
+        """The constant float 2-D table a default-domain Gather looks rows up in (an embedding), else None
+        (index arithmetic on shapes, a lookup in an activation)."""
+        if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx") or not node.inputs:
+            return None
+        table = self.constant_value(node.inputs[0])
+        if table is None or table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
+            return None
+        return table
+
     def constant_value(self, tensor: gs.Tensor) -> np.ndarray | None:
         """The value of a constant tensor: an initializer (not overridable as a graph input) or the
         output of a ``Constant`` node (exporters such as paddle2onnx store every weight that way)."""

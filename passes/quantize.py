@@ -1514,11 +1514,9 @@ class QuantizeInt8(Pass):
             return stats
         tables: dict[int, tuple[gs.Tensor, np.ndarray, int, list[gs.Node]]] = {}
         for node in model.nodes:
-            if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx"):
-                continue
-            table = model.constant_value(node.inputs[0])
-            if table is None or table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
-                continue  # index arithmetic on shapes, or a lookup in an activation: not an embedding
+            table = model.embedding_table(node)
+            if table is None:
+                continue  # not a Gather, index arithmetic on shapes, or a lookup in an activation
             label = node.name or "<Gather>"
             if table.dtype != np.float32:
                 skipped.append((label, f"embedding table is {table.dtype}, not float32: kept as it is"))
