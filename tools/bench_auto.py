@@ -26,7 +26,6 @@ tools/results/auto_compression.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quantize import md_table  # noqa: E402
-from bench_static_int8 import eval_set  # noqa: E402
+from bench_static_int8 import eval_set, paired  # noqa: E402
 from onnxslim_kit import api  # noqa: E402
 from onnxslim_kit.metrics import model_stats  # noqa: E402
-from onnxslim_kit.runtime import paired_ratio, round_medians, run_feeds, time_sessions  # noqa: E402
+from onnxslim_kit.runtime import run_feeds, time_sessions  # noqa: E402
 from onnxslim_kit.search import confidence_z, search, top1_margin  # noqa: E402
 from onnxslim_kit.usermetric import parse_metric, top1_discordant  # noqa: E402
 
@@ -111,9 +110,7 @@ def bench_model(name: str, drop: float, runs: int, rounds: int, workers: int, co
     times = time_sessions([variants[k] for k in names], first, threads=2, runs=runs, warmup=3, rounds=rounds)
     # Per round, each variant's median run against the original's in the same round; the median of those
     # ratios over rounds (a burst of load hits both sides of a ratio), times the original's median.
-    times = dict(zip(names, times))
-    base_ms = statistics.median(round_medians(times["original"], rounds))
-    med = {k: base_ms * paired_ratio(times[k], times["original"], rounds) for k in names}
+    med = paired(dict(zip(names, times)), rounds, base="original")
     orig_stats = model_stats(original)
     rows, info = [], {}
     for k in names:

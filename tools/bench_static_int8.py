@@ -122,11 +122,11 @@ def head_to_head(times: dict[str, list[float]], rounds: int) -> dict[str, float]
     return {"ours/ORT": paired_ratio(times["ours"], times["ORT"], rounds)} if "ours" in times and "ORT" in times else {}
 
 
-def paired(times: dict[str, list[float]], rounds: int) -> dict[str, float]:
-    """Per variant: fp32's median round x the variant's paired per-round ratio to fp32
+def paired(times: dict[str, list[float]], rounds: int, base: str = "fp32") -> dict[str, float]:
+    """Per variant: the ``base`` variant's median round x the variant's paired per-round ratio to it
     (onnxslim_kit.runtime.paired_ratio), so every ratio in the table is a same-round comparison."""
-    base = statistics.median(round_medians(times["fp32"], rounds))
-    return {k: base * paired_ratio(v, times["fp32"], rounds) for k, v in times.items()}
+    median = statistics.median(round_medians(times[base], rounds))
+    return {k: median * paired_ratio(v, times[base], rounds) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
