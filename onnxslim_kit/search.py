@@ -326,16 +326,22 @@ def _latency_feed(proto: onnx.ModelProto, feed: dict[str, np.ndarray], batch: in
     return out
 
 
+def runs_per_round(original: onnx.ModelProto, feed: dict[str, np.ndarray], *, threads: int = 2,
+                   budget_s: float = 0.03) -> int:
+    """Timed runs per session and round so that each session is timed for about ``budget_s`` (10 to 200),
+    from 5 runs of the original on ``feed``."""
+    probe = time_sessions([original], feed, threads=threads, runs=5, warmup=2, rounds=1)[0]
+    return int(min(200, max(10, budget_s / max(statistics.median(probe), 1e-6))))
+
+
 def latency_rounds(original: onnx.ModelProto, candidates: list, feed: dict[str, np.ndarray],
-                   *, threads: int = 2, rounds: int = 5, budget_s: float = 0.03, batch: int = 1) -> list[list[float]]:
+                   *, threads: int = 2, rounds: int = 5, runs: int | None = None, batch: int = 1) -> list[list[float]]:
     """Per candidate (a proto or a model file), its latency / the original's in each of ``rounds`` rounds
     on ``feed`` (``batch`` rows where the batch is dynamic): sessions interleaved, one alive at a time, each round's ratio taken
     against that round's original (median of the round's runs), so that a burst of load hits both
-    sides of a ratio. Runs per round are sized so that each session is timed for about ``budget_s``
-    (10 to 200 runs)."""
+    sides of a ratio. ``runs`` per round: :func:`runs_per_round` when not given."""
     feed = _latency_feed(original, feed, batch)
-    probe = time_sessions([original], feed, threads=threads, runs=5, warmup=2, rounds=1)[0]
-    runs = int(min(200, max(10, budget_s / max(statistics.median(probe), 1e-6))))
+    runs = runs or runs_per_round(original, feed, threads=threads)
     times = time_sessions([original, *candidates], feed, threads=threads, runs=runs, warmup=3, rounds=rounds)
     per_round = [round_medians(t, rounds) for t in times]
     return [[c / o for c, o in zip(cand, per_round[0])] for cand in per_round[1:]]
@@ -350,6 +356,7 @@ class _Timings:
                  batch: int, seed: int, label: str):
         self.store = _Cache(cache) if cache is not None else None
         self.original, self.threads, self.batch = original, threads, batch
+        self._runs: int | None = None
         self.feed = _latency_feed(original, feed, batch)
         # A model that cannot run at the latency batch (a batch dim declared dynamic but fixed inside the
         # graph) fails here with one line, not inside the timing loop.
@@ -372,8 +379,10 @@ class _Timings:
             self.store.put(_cache_key(fields), fields, {"rounds": rounds})
 
     def _time(self, models: list) -> list[list[float]]:
+        if self._runs is None:   # sized once per search, not before every timing
+            self._runs = runs_per_round(self.original, self.feed, threads=self.threads)
         return latency_rounds(self.original, models, self.feed, threads=self.threads, rounds=PROBE_ROUNDS,
-                              batch=self.batch)
+                              runs=self._runs, batch=self.batch)
 
     def plan(self, entries: list[PlanEntry], proto: onnx.ModelProto) -> list[float]:
         """Per-round latency ratios of a built plan to the original."""
