@@ -461,9 +461,9 @@ class MergeInitializers(Pass):
         merged = saved = 0
         overridable = set(model.meta.initializer_inputs)
         candidates = []
-        interface = {id(t) for t in model.graph.inputs} | {id(t) for t in model.graph.outputs}
         for name, t in list(model.tensors().items()):
-            if not isinstance(t, gs.Constant) or name in overridable or id(t) in interface:
+            if not isinstance(t, gs.Constant) or name in overridable or model.is_graph_input(t) or \
+                    model.is_graph_output(t):
                 continue
             arr = np.asarray(t.values)
             candidates.append((t, arr))
